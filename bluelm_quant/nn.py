@@ -1,0 +1,167 @@
+"""QuantLinear: a Linear layer whose weight lives in the standard GPTQ tensors.
+
+Persistent buffers (what a checkpoint holds): qweight, qzeros, scales, g_idx and an
+optional bias, in the layout described in ops.py. `post_init()` asks ops.prepare for
+whatever extra layout the kernel wants (kept as non-persistent buffers), so the
+storage format never depends on the kernel.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import QuantConfig, SUPPORTED_BITS
+from .packing import pack_multiple, pack_qweight, pack_qzeros
+from .quantizer import QuantizedWeight, default_g_idx, rtn
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        group_size: int = 128,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float16,
+        device=None,
+    ):
+        super().__init__()
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+        multiple = pack_multiple(bits)
+        if in_features % multiple or out_features % multiple:
+            raise ValueError(
+                f"{bits}-bit QuantLinear needs in_features and out_features to be multiples of "
+                f"{multiple}, got in_features={in_features}, out_features={out_features}"
+            )
+        if not (group_size == -1 or group_size > 0):
+            raise ValueError(f"group_size={group_size} must be -1 (per-channel) or positive")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"dtype={dtype} must be float16, bfloat16 or float32")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = 1 if group_size == -1 else -(-in_features // group_size)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
+        g_idx = default_g_idx(in_features, group_size)
+        self.register_buffer("g_idx", g_idx.to(device) if device is not None else g_idx)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._kernel_names: tuple[str, ...] = ()
+
+    # --- construction ----------------------------------------------------------------
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, group_size: int, bias=None, dtype=torch.float16) -> "QuantLinear":
+        n, k = qw.codes.shape
+        layer = cls(k, n, qw.bits, group_size, bias=bias is not None, dtype=dtype)
+        layer.pack(qw, bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig, dtype=None) -> "QuantLinear":
+        """Quantize an nn.Linear with round-to-nearest on `config`'s grid."""
+        qw = rtn(linear.weight.data, config)
+        dtype = dtype or (linear.weight.dtype if linear.weight.is_floating_point() else torch.float16)
+        layer = cls.from_quantized(qw, config.group_size, linear.bias, dtype)
+        return layer.to(linear.weight.device)
+
+    @torch.no_grad()
+    def pack(self, qw: QuantizedWeight, bias=None) -> None:
+        """Fill the buffers from a QuantizedWeight (codes [N, K], grid per group)."""
+        n, k = qw.codes.shape
+        if (n, k) != (self.out_features, self.in_features) or qw.bits != self.bits:
+            raise ValueError(
+                f"quantized weight [{n}, {k}] at {qw.bits} bits does not fit "
+                f"QuantLinear({self.in_features}, {self.out_features}, bits={self.bits})"
+            )
+        if qw.scales.shape != self.scales.shape:
+            raise ValueError(f"{qw.scales.shape[0]} groups given, layer has {self.scales.shape[0]}")
+        device = self.qweight.device
+        self.qweight = pack_qweight(qw.codes.T, self.bits).to(device)
+        self.qzeros = pack_qzeros(qw.zeros, self.bits, "gptq").to(device)
+        self.scales = qw.scales.to(self.scales.dtype).to(device)
+        self.g_idx = qw.g_idx.to(torch.int32).to(device)
+        if bias is not None:
+            if self.bias is None:
+                raise ValueError("bias given to a QuantLinear built with bias=False")
+            self.bias = bias.detach().to(self.scales.dtype).to(device)
+        self.post_init()
+
+    # --- kernel layout -----------------------------------------------------------------
+
+    def post_init(self) -> None:
+        """Build the kernel's layout once, after the standard tensors are loaded."""
+        for name in self._kernel_names:
+            delattr(self, name)
+        extra = ops.prepare(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        for name, t in extra.items():
+            self.register_buffer(name, t, persistent=False)
+        self._kernel_names = tuple(extra)
+
+    # --- compute -----------------------------------------------------------------------
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The weight in nn.Linear orientation [out_features, in_features]."""
+        return ops.dequantize_reference(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = {name: getattr(self, name) for name in self._kernel_names}
+        return ops.gemm(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias, kernel)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, dtype={self.scales.dtype}"
+        )
+
+
+def find_linears(model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] = ("lm_head",)) -> dict[str, nn.Linear]:
+    """nn.Linear modules by qualified name; include/exclude are fnmatch patterns."""
+    include, exclude = list(include or ["*"]), list(exclude)
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and any(fnmatch.fnmatchcase(name, p) for p in include)
+        and not any(fnmatch.fnmatchcase(name, p) or name.endswith("." + p) or name == p for p in exclude)
+    }
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def replace_linear(
+    model: nn.Module,
+    config: QuantConfig,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = ("lm_head",),
+    quantize: bool = False,
+    dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Swap nn.Linear modules for QuantLinear; returns the names swapped.
+
+    quantize=False builds empty QuantLinears on the Linear's device (meta for a
+    skeleton) to be filled from a checkpoint; quantize=True quantizes each Linear's
+    weight with round-to-nearest.
+    """
+    names = []
+    for name, linear in find_linears(model, include, exclude).items():
+        layer_dtype = dtype or linear.weight.dtype
+        if quantize:
+            q = QuantLinear.from_linear(linear, config, dtype=layer_dtype)
+        else:
+            q = QuantLinear(
+                linear.in_features, linear.out_features, config.bits, config.group_size,
+                bias=linear.bias is not None, dtype=layer_dtype, device=linear.weight.device,
+            )
+        set_module(model, name, q)
+        names.append(name)
+    return names

@@ -1,0 +1,55 @@
+// The torch-free kernel API of quant_cuda: raw pointers, sizes and an error code.
+// bindings.cpp is the only file that sees torch; it turns tensors into these arguments
+// and error codes into messages that name the shapes.
+//
+// Layout (K = in_features, N = out_features, G = groups = ceil(K / group_size)):
+//   x       [M, K]    activations, row-major, dtype `dtype`
+//   qweight [K/8, N]  int32; the 4-bit code of input row r, output column c is nibble
+//                     r % 8 (least-significant first) of qweight[r / 8][c]. When `perm` is
+//                     given, qweight rows are already reordered (repacked) so that row r
+//                     holds original input row perm[r]; the kernel reads x[:, perm[r]].
+//   qzeros  [G, N/8]  int32, v1 zeros: nibble c % 8 of qzeros[g][c / 8] holds zero - 1.
+//   scales  [G, N]    same dtype as x.
+//   perm    [K]       int32 or nullptr. Row r (after repacking) belongs to group r / group_size.
+//   bias    [N]       same dtype as x, or nullptr.
+//   out     [M, N]    dtype of x; fully written by the kernel (no pre-zeroing required).
+// weight(r, c) = scales[g][c] * (code(r, c) - (stored_zero(g, c) + 1)),  g = r / group_size.
+#pragma once
+#include <cstdint>
+
+namespace quant_cuda {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+enum Status : int {
+  kOk = 0,
+  kBadShape = 1,        // K or N not a multiple of 8, M < 1, group_size < 1 ...
+  kBadDType = 2,        // dtype not supported by this backend
+  kNoKernelForArch = 3, // the build did not include the running GPU's architecture
+  kLaunchFailed = 4,    // CUDA launch or runtime error
+};
+
+const char* status_message(int status);
+
+// ---- CPU (always built) ------------------------------------------------------------
+// dtype: kFloat32 or kBFloat16. Multithreaded with OpenMP.
+int gemm_4bit_cpu(const void* x, const int32_t* qweight, const int32_t* qzeros,
+                  const void* scales, const int32_t* perm, const void* bias, void* out,
+                  int64_t M, int64_t K, int64_t N, int64_t group_size, int dtype);
+
+// W^T [K, N] (rows in qweight's order) in `dtype`.
+int dequantize_4bit_cpu(const int32_t* qweight, const int32_t* qzeros, const void* scales,
+                        void* out, int64_t K, int64_t N, int64_t group_size, int dtype);
+
+// ---- CUDA (built when the CUDA toolkit and a CUDA torch are present) ---------------
+// dtype: kFloat16 or kBFloat16. `stream` is a cudaStream_t passed as void*.
+int gemm_4bit_cuda(const void* x, const int32_t* qweight, const int32_t* qzeros,
+                   const void* scales, const int32_t* perm, const void* bias, void* out,
+                   int64_t M, int64_t K, int64_t N, int64_t group_size, int dtype,
+                   void* stream);
+
+int dequantize_4bit_cuda(const int32_t* qweight, const int32_t* qzeros, const void* scales,
+                         void* out, int64_t K, int64_t N, int64_t group_size, int dtype,
+                         void* stream);
+
+}  // namespace quant_cuda
