@@ -1,0 +1,309 @@
+"""Save and load 4-bit checkpoints.
+
+Saved layout (what GPTQModel / AutoGPTQ / transformers+optimum / vLLM read):
+  model-0000N-of-0000M.safetensors + model.safetensors.index.json
+  quantize_config.json, config.json with `quantization_config`, tokenizer files.
+Loaded layouts: that one (v1 or v2 zeros), and the legacy BlueLM-7B-Chat-4bits one
+(`pytorch_model-*.bin` shards, qweight/qzeros/scales only, fp32 scales, group size
+derived from the tensor shapes).
+
+Loading never materializes a full-precision Linear weight: the skeleton is built with
+parameters on the meta device and tensors are streamed shard by shard to `device`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .atomic import atomic_directory, write_json
+from .config import QuantConfig, QuantConfigError
+from .nn import QuantLinear, find_linears, set_module
+from .packing import convert_qzeros, pack_multiple
+from .quantizer import default_g_idx
+from .shards import CheckpointError, ShardReader
+
+log = logging.getLogger(__name__)
+
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+NOT_COPIED = {"config.json", "quantize_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+# Buffers that old checkpoints carry but models recompute (legacy RoPE caches).
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+DEFAULT_MAX_SHARD = 2 * 1024**3
+
+
+# --- save -------------------------------------------------------------------------------
+
+
+def _checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to save: tied duplicates dropped, scales in fp16 (the standard)."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    out, seen = {}, {}
+    for name, t in model.state_dict().items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ptr in seen and name in tied:
+            continue  # re-tied at load time, as transformers does
+        t = t.detach().to("cpu")
+        if name.endswith(".scales") and t.dtype != torch.float16:
+            half = t.to(torch.float16)
+            if not torch.equal(half.to(t.dtype), t):
+                log.warning("%s: scales are not exactly representable in fp16; saved rounded", name)
+            t = half
+        out[name] = t.clone() if ptr in seen else t.contiguous()
+        seen.setdefault(ptr, name)
+    return out
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def _copy_model_files(source_dir: str, out_dir: str) -> None:
+    """Tokenizer, generation config, license... everything but weights and configs."""
+    for name in sorted(os.listdir(source_dir)):
+        path = os.path.join(source_dir, name)
+        if not os.path.isfile(path) or name in NOT_COPIED or name.endswith(WEIGHT_FILE_SUFFIXES) or name.startswith("."):
+            continue
+        shutil.copy2(path, os.path.join(out_dir, name))
+
+
+def write_checkpoint(model: nn.Module, out_dir: str, config: QuantConfig, max_shard_size: int = DEFAULT_MAX_SHARD) -> None:
+    """Write weights, index and configs into an existing (temporary) directory."""
+    tensors = _checkpoint_tensors(model)
+    shards = _shard(tensors, max_shard_size)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    write_json(os.path.join(out_dir, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(os.path.join(out_dir, "quantize_config.json"), config.to_dict())
+    hf_config = model.config.to_dict() if hasattr(model, "config") else {}
+    hf_config["quantization_config"] = config.to_dict()
+    write_json(os.path.join(out_dir, "config.json"), hf_config)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and not os.path.exists(os.path.join(out_dir, "generation_config.json")):
+        gen.save_pretrained(out_dir)
+
+
+def save_quantized(
+    model: nn.Module,
+    out_dir: str,
+    config: QuantConfig,
+    source_dir: str | None = None,
+    tokenizer=None,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
+    overwrite: bool = False,
+) -> str:
+    """Save a model whose Linears are QuantLinear; atomic (temp dir + rename)."""
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("the model has no QuantLinear layer; quantize it before saving")
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        if source_dir:
+            _copy_model_files(source_dir, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_checkpoint(model, tmp, config, max_shard_size)
+    return out_dir
+
+
+# --- load -------------------------------------------------------------------------------
+
+
+def read_quant_config(path: str, reader: ShardReader | None = None) -> tuple[QuantConfig, bool]:
+    """(config, legacy). Order: quantize_config.json, config.json quantization_config,
+    then the legacy layout (tensors only; bits and group size from shapes)."""
+    qc_path = os.path.join(path, "quantize_config.json")
+    cfg_path = os.path.join(path, "config.json")
+    if os.path.exists(qc_path):
+        return QuantConfig.load(qc_path), False
+    with open(cfg_path, encoding="utf-8") as f:
+        hf = json.load(f)
+    if isinstance(hf.get("quantization_config"), dict):
+        return QuantConfig.from_dict(hf["quantization_config"], source=f"{cfg_path} quantization_config"), False
+    reader = reader or ShardReader(path)
+    if not any(k.endswith(".qweight") for k in reader.keys()):
+        raise CheckpointError(
+            f"{path} is not a quantized checkpoint: no quantize_config.json, no quantization_config "
+            "in config.json and no *.qweight tensors. Load it with transformers, or quantize it first"
+        )
+    bits = hf.get("quantization_bit", hf.get("bits", 4))
+    return QuantConfig(bits=int(bits), group_size=-1, sym=False), True
+
+
+def _infer_group_size(name: str, in_features: int, groups: int, config: QuantConfig, legacy: bool) -> int:
+    """Group size from the scales rows; checked against the config when it has one."""
+    if groups == 1:
+        gs = -1
+    elif legacy:
+        if in_features % groups:
+            raise CheckpointError(
+                f"{name}.scales has {groups} rows, which fits no group size for in_features={in_features} "
+                "(the legacy layout needs in_features / rows to be a whole number)"
+            )
+        gs = in_features // groups
+    else:
+        gs = config.group_size
+        expected = config.groups(in_features)
+        if groups != expected:
+            raise CheckpointError(
+                f"{name}.scales has {groups} rows but quantize_config says group_size={config.group_size}, "
+                f"which gives {expected} groups for in_features={in_features}; the config disagrees with the tensors"
+            )
+    return gs
+
+
+def _check_shapes(name: str, reader: ShardReader, layer: QuantLinear) -> None:
+    for suffix in QUANT_SUFFIXES + (("bias",) if layer.bias is not None else ()):
+        key = f"{name}.{suffix}"
+        if key not in reader:
+            if suffix == "g_idx":
+                continue
+            raise CheckpointError(f"tensor {key} is missing from the checkpoint")
+        got, want = reader.shape(key), tuple(getattr(layer, suffix).shape)
+        if got != want:
+            raise CheckpointError(
+                f"tensor {key} has shape {list(got)}, expected {list(want)} for a {layer.bits}-bit layer "
+                f"with in_features={layer.in_features}, out_features={layer.out_features}, "
+                f"group_size={layer.group_size}; the checkpoint does not fit its config"
+            )
+
+
+def build_skeleton(path: str, dtype: torch.dtype, reader: ShardReader):
+    """The model with parameters on the meta device (buffers real, they are small)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import models  # noqa: F401  (registers BlueLM with the Auto classes)
+
+    hf_config = AutoConfig.from_pretrained(path)
+    for key in reader.keys():
+        if key.endswith("embed_tokens.weight"):
+            rows = reader.shape(key)[0]
+            if getattr(hf_config, "vocab_size", rows) != rows:
+                log.warning("config vocab_size=%s but %s has %d rows; using the checkpoint's", hf_config.vocab_size, key, rows)
+                hf_config.vocab_size = rows
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config  # we load the quantized layers ourselves
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    return model
+
+
+def _swap_quantized_linears(model, reader: ShardReader, config: QuantConfig, legacy: bool, dtype) -> list[str]:
+    quantized = {k[: -len(".qweight")] for k in reader.keys() if k.endswith(".qweight")}
+    linears = find_linears(model, exclude=())
+    unknown = sorted(quantized - set(linears))
+    if unknown:
+        raise CheckpointError(f"quantized tensors for modules the model does not have: {unknown[:5]}")
+    for name in sorted(quantized):
+        linear = linears[name]
+        k, n = linear.in_features, linear.out_features
+        qrows = reader.shape(f"{name}.qweight")[0]
+        bits = config.bits
+        if qrows * 32 != k * bits:
+            implied = qrows * 32 / k
+            raise CheckpointError(
+                f"{name}.qweight has {qrows} rows: {implied:g} bits per weight for in_features={k}, "
+                f"but the config says bits={bits}"
+            )
+        if k % pack_multiple(bits) or n % pack_multiple(bits):
+            raise CheckpointError(f"{name}: in_features={k}, out_features={n} are not multiples of {pack_multiple(bits)}")
+        groups = reader.shape(f"{name}.scales")[0]
+        gs = _infer_group_size(name, k, groups, config, legacy)
+        layer = QuantLinear(k, n, bits, gs, bias=f"{name}.bias" in reader, dtype=dtype, device="meta")
+        _check_shapes(name, reader, layer)
+        set_module(model, name, layer)
+    return sorted(quantized)
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        del old
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise CheckpointError(f"{key}: the model has no parameter or buffer of that name")
+
+
+def load_quantized(path: str, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a 4-bit checkpoint directory into an eval-mode model on `device`.
+
+    dtype: the compute dtype of the non-quantized weights, scales and activations
+    (default: config.json's torch_dtype, fp16 when it names none).
+    """
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path} has no config.json; it is not a Hugging Face model directory")
+    device = torch.device(device)
+    reader = ShardReader(path)
+    config, legacy = read_quant_config(path, reader)
+    if dtype is None:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            named = json.load(f).get("torch_dtype") or "float16"
+        dtype = getattr(torch, named) if named != "float32" else torch.float32
+    model = build_skeleton(path, dtype, reader)
+    quantized = _swap_quantized_linears(model, reader, config, legacy, dtype)
+    expected = {k for k in model.state_dict()}
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    loaded, unexpected = set(), []
+    for file, keys in reader.keys_by_file().items():
+        for key in keys:
+            if key.endswith(IGNORED_KEY_SUFFIXES):
+                continue
+            if key not in expected:
+                unexpected.append(key)
+                continue
+            t = reader.get(key)
+            if key.endswith(".qzeros") and config.checkpoint_format == "gptq_v2":
+                t = convert_qzeros(t, config.bits, "gptq_v2", "gptq")
+            if t.is_floating_point():
+                t = t.to(dtype)
+            elif key.endswith(("qweight", "qzeros", "g_idx")):
+                t = t.to(torch.int32)
+            _assign(model, key, t.to(device))
+            loaded.add(key)
+        reader.release(file)
+    if unexpected:
+        log.warning("ignored %d tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
+    missing = sorted(k for k in expected - loaded if not (k.endswith(".g_idx") or k in tied))
+    if missing:
+        raise CheckpointError(f"the checkpoint at {path} lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
+    for name in quantized:
+        if f"{name}.g_idx" not in loaded:  # legacy layout: contiguous groups
+            layer = model.get_submodule(name)
+            layer.g_idx = default_g_idx(layer.in_features, layer.group_size).to(device)
+    if tied and getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.to(device)  # the small real buffers (RoPE tables) built on CPU
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"tensors left unloaded after reading {path}: {still_meta[:5]}")
+    for name in quantized:
+        model.get_submodule(name).post_init()
+    model.quant_config = config
+    return model.eval()
+
+
+__all__ = ["CheckpointError", "QuantConfigError", "load_quantized", "save_quantized", "read_quant_config"]

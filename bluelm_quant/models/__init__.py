@@ -1,0 +1,63 @@
+"""Model families as small data descriptions, and their registry.
+
+A family says where the decoder layers are, which modules run before them, and the
+groups of Linear layers in forward order (for true-sequential GPTQ: each group is
+quantized after the groups before it, so it sees their quantized outputs). Adding a
+LLaMA-like family is a few lines: a ModelSpec and an entry in FAMILIES.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model_types: tuple[str, ...]  # config.json "model_type" values this spec covers
+    layers: str  # the ModuleList of decoder layers
+    sequential: tuple[tuple[str, ...], ...]  # Linear groups inside a layer, forward order
+    outside: tuple[str, ...] = ()  # modules outside the layers (kept full precision)
+
+
+LLAMA_SEQUENTIAL = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+LLAMA = ModelSpec(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "internlm2", "yi"),
+    layers="model.layers",
+    sequential=LLAMA_SEQUENTIAL,
+    outside=("model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"),
+)
+
+BLUELM = ModelSpec(
+    name="bluelm",
+    model_types=("BlueLM", "bluelm"),
+    layers="model.layers",
+    sequential=LLAMA_SEQUENTIAL,
+    outside=("model.embed_tokens", "model.embed_layer_norm", "model.rotary_emb", "model.norm", "lm_head"),
+)
+
+FAMILIES = (LLAMA, BLUELM)
+
+
+class UnsupportedModelError(ValueError):
+    """No model-family spec covers this architecture."""
+
+
+def spec_for(config) -> ModelSpec:
+    """The family spec for a transformers config (by model_type)."""
+    model_type = getattr(config, "model_type", None)
+    for spec in FAMILIES:
+        if model_type in spec.model_types:
+            return spec
+    known = sorted(t for s in FAMILIES for t in s.model_types)
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} (architectures {getattr(config, 'architectures', None)}) has no "
+        f"model-family spec; supported: {', '.join(known)}. To add a LLaMA-like family, add a "
+        "ModelSpec naming its decoder-layer list and Linear groups to bluelm_quant/models/__init__.py"
+    )

@@ -1,0 +1,155 @@
+"""Read a Hugging Face weight directory tensor by tensor, without loading it whole.
+
+Handles sharded or single safetensors (memory-mapped) and sharded or single
+PyTorch `.bin` files (read only with `torch.load(weights_only=True, mmap=True)`).
+Every failure names the file and says what to do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from collections import defaultdict
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model."""
+
+
+class ShardReader:
+    """Maps tensor names to files; loads one file's tensors at a time."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"{directory} is not a directory")
+        self._open: dict[str, object] = {}
+        self.key_to_file = self._discover()
+
+    def _discover(self) -> dict[str, str]:
+        d = self.directory
+        for index in INDEX_FILES:
+            path = os.path.join(d, index)
+            if os.path.exists(path):
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{path} is not a valid index file (no weight_map): {e}") from None
+                missing = sorted({v for v in weight_map.values() if not os.path.exists(os.path.join(d, v))})
+                if missing:
+                    raise CheckpointError(
+                        f"{path} names shard(s) that are not in {d}: {', '.join(missing)}; "
+                        "the download is incomplete - fetch the missing files"
+                    )
+                return dict(weight_map)
+        for single in SINGLE_FILES:
+            if os.path.exists(os.path.join(d, single)):
+                return {k: single for k in self._file_keys(single)}
+        found = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+        if found:
+            mapping = {}
+            for f in found:
+                mapping.update({k: f for k in self._file_keys(f)})
+            return mapping
+        raise CheckpointError(
+            f"no weights in {d}: expected model.safetensors(.index.json), "
+            "pytorch_model.bin(.index.json) or *.safetensors files"
+        )
+
+    # --- low level --------------------------------------------------------------------
+
+    def _path(self, file: str) -> str:
+        return os.path.join(self.directory, file)
+
+    def _handle(self, file: str):
+        if file not in self._open:
+            path = self._path(file)
+            if file.endswith(".safetensors"):
+                try:
+                    self._open[file] = safe_open(path, framework="pt", device="cpu")
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(
+                        f"cannot read {path}: {e}. The file is truncated or corrupt; re-download or re-create it"
+                    ) from None
+            else:
+                self._open[file] = _load_bin(path)
+        return self._open[file]
+
+    def _file_keys(self, file: str) -> list[str]:
+        h = self._handle(file)
+        return list(h.keys())
+
+    # --- public -----------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def files(self) -> list[str]:
+        """Files in a stable order, each with the keys it holds."""
+        return sorted(set(self.key_to_file.values()))
+
+    def keys_by_file(self) -> dict[str, list[str]]:
+        by_file = defaultdict(list)
+        for k, f in self.key_to_file.items():
+            by_file[f].append(k)
+        return dict(sorted(by_file.items()))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_file
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor on CPU (memory-mapped where the format allows)."""
+        if key not in self.key_to_file:
+            raise CheckpointError(f"tensor {key!r} is not in the checkpoint at {self.directory}")
+        file = self.key_to_file[key]
+        h = self._handle(file)
+        try:
+            return h.get_tensor(key) if file.endswith(".safetensors") else h[key]
+        except (SafetensorError, KeyError, OSError, RuntimeError) as e:
+            raise CheckpointError(
+                f"cannot read tensor {key!r} from {self._path(file)}: {e}. "
+                "The index and the shard disagree or the file is corrupt"
+            ) from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        file = self.key_to_file.get(key)
+        if file is None:
+            raise CheckpointError(f"tensor {key!r} is not in the checkpoint at {self.directory}")
+        h = self._handle(file)
+        if file.endswith(".safetensors"):
+            return tuple(h.get_slice(key).get_shape())
+        return tuple(h[key].shape)
+
+    def release(self, file: str) -> None:
+        """Drop a file's handle so its pages can be reclaimed (shard-by-shard loading)."""
+        self._open.pop(file, None)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Legacy (pre-zip) pickles cannot be memory-mapped; still weights_only.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError) as e:
+        raise CheckpointError(
+            f"cannot read {path} as a PyTorch weight file ({type(e).__name__}: {str(e)[:200]}). "
+            "It is truncated or corrupt, or holds more than tensors (only weights_only files are read)"
+        ) from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a flat dict of tensors")
+    return obj
