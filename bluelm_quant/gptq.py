@@ -1,0 +1,195 @@
+"""The GPTQ solver for one weight matrix (Frantar et al., 2022, "GPTQ").
+
+Pure: `GPTQ` accumulates the layer-input Hessian H = 2/n * sum x^T x and `quantize`
+returns codes, grid and loss in a `GPTQResult`; no module is touched.
+
+Weights are W [N, K] (nn.Linear orientation). Columns (input features) are quantized one
+at a time; after each, the not-yet-quantized columns absorb its rounding error through
+H^-1 (the Optimal Brain Surgeon update), so the layer's *output* error stays small.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from .config import QuantConfig
+from .quantizer import QuantizedWeight, dequantize, find_params, quantize
+
+logger = logging.getLogger(__name__)
+
+MAX_DAMP = 1.0  # damp retries double damp_percent up to this fraction of mean(diag(H))
+
+
+class GPTQError(RuntimeError):
+    """The calibration data or the Hessian cannot be used to quantize this layer."""
+
+
+@dataclass
+class GPTQResult:
+    quantized: QuantizedWeight  # codes [N, K] in the original column order
+    dequantized: torch.Tensor  # float32 [N, K]: exactly quantized.dequantize(), to write back
+    # The GPTQ objective as the reference prints it: sum over weights of (w - q)^2 / d^2 / 2,
+    # d = U[i, i] with U the upper Cholesky factor of the damped H^-1 and w the error-updated
+    # weight. It telescopes to trace((W - Q) H_damped (W - Q)^T) / 2, i.e. for H = 2/n X^T X:
+    # ||X W^T - X Q^T||_F^2 / n (mean squared output error per sample) plus the damping term.
+    loss: float
+    damp: float  # the damp_percent finally used (larger than the config's after a retry)
+    seconds: float
+
+
+class GPTQ:
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.in_features = in_features
+        self.device = torch.device(device)
+        self.H: torch.Tensor | None = torch.zeros(in_features, in_features, device=self.device)
+        self.nsamples = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add activations x [..., K] (any float dtype): every leading index is one sample."""
+        if self.H is None:
+            raise GPTQError("add_batch after free(): this solver's Hessian was released")
+        if x.shape[-1] != self.in_features:
+            raise GPTQError(f"activations have {x.shape[-1]} features, the layer has {self.in_features}")
+        x = x.detach().reshape(-1, self.in_features).to(self.device, torch.float32)
+        m = x.shape[0]
+        if m == 0:
+            return
+        if not torch.isfinite(x).all():
+            raise GPTQError("activations contain NaN/Inf; the layer's inputs are broken upstream")
+        # Running mean: H_n = 2/n sum x^T x, so rescale the old sum by old_n/new_n and add
+        # the new rows with weight 2/new_n; fp32 throughout.
+        total = self.nsamples + m
+        self.H.mul_(self.nsamples / total)
+        self.H.addmm_(x.T, x, alpha=2.0 / total)
+        self.nsamples = total
+
+    def free(self) -> None:
+        self.H = None
+
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        config: QuantConfig,
+        blocksize: int = 128,
+        scale_dtype: torch.dtype = torch.float16,
+    ) -> GPTQResult:
+        """Quantize W [N, K]; the result's tensors live on this solver's device."""
+        tick = time.perf_counter()
+        if self.H is None or self.nsamples == 0:
+            raise GPTQError("no calibration activations: call add_batch before quantize")
+        if blocksize < 1:
+            raise GPTQError(f"blocksize={blocksize} must be positive")
+        n, k = weight.shape
+        if k != self.in_features:
+            raise GPTQError(f"weight is [{n}, {k}] but the Hessian is for {self.in_features} inputs")
+        if not torch.isfinite(self.H).all():
+            raise GPTQError("Hessian contains NaN/Inf (activations too large for fp32?)")
+        w = weight.detach().to(self.device, torch.float32).clone()
+        if not torch.isfinite(w).all():
+            raise GPTQError("weight contains NaN/Inf")
+        h = self.H.clone()
+        gs, maxq = config.effective_group_size(k), config.maxq
+        grid = partial(
+            find_params, bits=config.bits, sym=config.sym, mse_clip=config.mse_clip, scale_dtype=scale_dtype
+        )
+
+        # An input that is always zero carries no information: any weight works, so pin
+        # it to 0 and make H invertible there (the reference's choice).
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1
+        w[:, dead] = 0
+
+        ngroups = config.groups(k)
+        scales = torch.zeros(ngroups, n, device=self.device)
+        zeros = torch.zeros(ngroups, n, device=self.device)
+        if config.static_groups:
+            # Fixed before any reordering or error feedback: group g is original columns g*gs...
+            for g in range(ngroups):
+                scales[g], zeros[g] = grid(w[:, g * gs : (g + 1) * gs])
+
+        if config.desc_act:
+            # Columns with the largest activations first, while many columns remain to
+            # absorb their error; stable sort keeps ties deterministic.
+            perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+            w, h = w[:, perm], h[perm][:, perm]
+        else:
+            perm = torch.arange(k, device=self.device)
+        # group of each column, in quantization order (indexes scales/zeros)
+        col_group = (perm // gs).tolist() if config.static_groups else [i // gs for i in range(k)]
+
+        u, damp = _upper_inverse_cholesky(h, config.damp_percent)
+        del h
+
+        codes = torch.zeros(n, k, device=self.device)
+        q = torch.zeros(n, k, device=self.device)
+        loss = 0.0
+        for i1 in range(0, k, blocksize):
+            i2 = min(i1 + blocksize, k)
+            w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+            err1 = torch.zeros_like(w1)
+            for j in range(i2 - i1):
+                i = i1 + j
+                if not config.static_groups and i % gs == 0:
+                    # The grid sees the group's weights as they are now, after the updates
+                    # from every column quantized so far (columns past this block still
+                    # owe the block's lazy update, applied here just for them).
+                    end = min(i + gs, k)
+                    cols = w1[:, j : end - i1]
+                    if end > i2:
+                        rest = w[:, i2:end] - err1[:, :j] @ u[i1:i, i2:end]
+                        cols = torch.cat([cols, rest], dim=1)
+                    scales[i // gs], zeros[i // gs] = grid(cols)
+                s, z = scales[col_group[i]], zeros[col_group[i]]
+                c = quantize(w1[:, j], s, z, maxq)
+                qj = dequantize(c, s, z)
+                codes[:, i], q[:, i] = c, qj
+                # OBS via U (upper, U^T U = H^-1): for the still-free columns F = i.., the
+                # inverse of H's trailing block is U[F, F]^T U[F, F], whose row i is
+                # U[i, i] * U[i, F] and diagonal entry U[i, i]^2. So the OBS update
+                # -(w - q) / [H_F^-1]_ii * H_F^-1[i, F] is -(w - q) / U[i, i] * U[i, F]:
+                # no H^-1 downdate between columns.
+                e = (w1[:, j] - qj) / u1[j, j]
+                err1[:, j] = e
+                w1[:, j + 1 :].addr_(e, u1[j, j + 1 :], alpha=-1)
+            loss += err1.square().sum().item() / 2
+            # Lazy batch update: the rest of W gets the whole block's error in one matmul.
+            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)
+
+        invperm = torch.argsort(perm)
+        g_idx = torch.empty(k, dtype=torch.int32, device=self.device)
+        g_idx[perm] = torch.tensor(col_group, dtype=torch.int32, device=self.device)
+        quantized = QuantizedWeight(
+            codes=codes[:, invperm].to(torch.int32),
+            scales=scales,
+            zeros=zeros.to(torch.int32),
+            g_idx=g_idx,
+            bits=config.bits,
+        )
+        return GPTQResult(quantized, q[:, invperm], loss, damp, time.perf_counter() - tick)
+
+
+def _upper_inverse_cholesky(h: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """U with U^T U = (H + damp * mean(diag H) * I)^-1, U upper; doubles damp on failure."""
+    mean_diag = torch.diag(h).mean()
+    damp, tried = damp_percent, []
+    while True:
+        hd = h.clone()
+        hd.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(hd)
+        if info.item() == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info.item() == 0 and torch.isfinite(u).all():
+                return u, damp
+        tried.append(damp)
+        if damp >= MAX_DAMP:
+            raise GPTQError(
+                f"Hessian is not positive definite even with damp_percent in {tried}; "
+                "use more (or more varied) calibration samples"
+            )
+        nxt = min(2 * damp, MAX_DAMP)
+        logger.warning("Cholesky of the Hessian failed with damp_percent=%g; retrying with %g", damp, nxt)
+        damp = nxt
