@@ -1,7 +1,7 @@
 """Model families as small data descriptions, and their registry.
 
 A family says where the decoder layers are, which modules run before them, and the
-groups of Linear layers in forward order (for true-sequential GPTQ: each group is
+groups of Linear layers in forward order - the Linears of one group read the same input (for true-sequential GPTQ: each group is
 quantized after the groups before it, so it sees their quantized outputs). Adding a
 LLaMA-like family is a few lines: a ModelSpec and an entry in FAMILIES.
 """
@@ -16,7 +16,7 @@ class ModelSpec:
     model_types: tuple[str, ...]  # config.json "model_type" values this spec covers
     layers: str  # the ModuleList of decoder layers
     sequential: tuple[tuple[str, ...], ...]  # Linear groups inside a layer, forward order
-    outside: tuple[str, ...] = ()  # modules outside the layers (kept full precision)
+    before: tuple[str, ...] = ()  # modules that run before the first layer (for capture)
 
 
 LLAMA_SEQUENTIAL = (
@@ -31,7 +31,7 @@ LLAMA = ModelSpec(
     model_types=("llama", "mistral", "qwen2", "internlm2", "yi"),
     layers="model.layers",
     sequential=LLAMA_SEQUENTIAL,
-    outside=("model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"),
+    before=("model.embed_tokens", "model.rotary_emb"),
 )
 
 BLUELM = ModelSpec(
@@ -39,7 +39,7 @@ BLUELM = ModelSpec(
     model_types=("BlueLM", "bluelm"),
     layers="model.layers",
     sequential=LLAMA_SEQUENTIAL,
-    outside=("model.embed_tokens", "model.embed_layer_norm", "model.rotary_emb", "model.norm", "lm_head"),
+    before=("model.embed_tokens", "model.embed_layer_norm", "model.rotary_emb"),
 )
 
 FAMILIES = (LLAMA, BLUELM)
@@ -61,3 +61,6 @@ def spec_for(config) -> ModelSpec:
         f"model-family spec; supported: {', '.join(known)}. To add a LLaMA-like family, add a "
         "ModelSpec naming its decoder-layer list and Linear groups to bluelm_quant/models/__init__.py"
     )
+
+
+from . import bluelm  # noqa: E402,F401  (registers BlueLM with the transformers Auto classes)

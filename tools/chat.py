@@ -1,0 +1,110 @@
+"""Multi-turn chat in the terminal with a BlueLM (or chat-templated LLaMA-like) model.
+
+    python tools/chat.py --model DIR [--device cuda] [--dtype bfloat16] [--do-sample] ...
+
+DIR is a full-precision Hugging Face directory, or a 4-bit one written by bluelm-quant / GPTQ
+tools (detected by quantize_config.json or config.json's quantization_config). Commands at the
+prompt: /reset clears the conversation, /exit (or end of input) quits. Replies stream token by
+token; notices (dropped turns, errors) go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def is_quantized_dir(path: str) -> bool:
+    if os.path.isfile(os.path.join(path, "quantize_config.json")):
+        return True
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return False
+    with open(config_file, encoding="utf-8") as f:
+        return bool(json.load(f).get("quantization_config"))
+
+
+def load(path: str, device: str, dtype: torch.dtype | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import bluelm_quant.models.bluelm  # noqa: F401  (registers BlueLM with the Auto classes)
+
+    if not os.path.isdir(path):
+        raise SystemExit(f"--model {path!r} is not a directory")
+    if is_quantized_dir(path):
+        from bluelm_quant.checkpoint import load_quantized  # lazy: only 4-bit directories need it
+
+        model = load_quantized(path, device=device, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model directory (full precision or 4-bit)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--verbose", action="store_true", help="report prompt token counts on stderr")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from bluelm_quant.chat import ChatError, encode_prompt, stream_chat
+
+    model, tokenizer = load(args.model, args.device, DTYPES.get(args.dtype))
+    generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                      repetition_penalty=args.repetition_penalty)
+    if args.do_sample:
+        generation.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+
+    def notice(text: str) -> None:
+        print(f"[notice] {text}", file=sys.stderr, flush=True)
+
+    history: list[tuple[str, str]] = []
+    print("Type a message; /reset clears the conversation, /exit quits.", file=sys.stderr, flush=True)
+    while True:
+        try:
+            query = input("User: ")
+        except EOFError:
+            print()
+            return 0
+        command = query.strip()
+        if command == "/exit":
+            return 0
+        if command == "/reset":
+            history = []
+            print("[history cleared]", flush=True)
+            continue
+        if not command:
+            continue
+        if args.verbose:
+            tokens = len(encode_prompt(model, tokenizer, query, history))
+            print(f"[prompt: {tokens} tokens, {len(history)} past turns]", file=sys.stderr, flush=True)
+        print("AI: ", end="", flush=True)
+        shown = ""
+        try:
+            for reply, new_history in stream_chat(model, tokenizer, query, history, on_notice=notice, **generation):
+                # Each reply normally extends the previous one; if decoding rewrote it, start over.
+                print(reply[len(shown):] if reply.startswith(shown) else "\n" + reply, end="", flush=True)
+                shown, history = reply, new_history
+        except ChatError as exc:
+            print(f"\n[error] {exc}", file=sys.stderr, flush=True)
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
