@@ -1,0 +1,321 @@
+"""Calibration sources -> seeded token windows, and the bundled held-out texts.
+
+A source is a plain-text file (`.txt`, one document) or a file of records (`.jsonl`, or
+`.json` holding a list of records or JSON lines), each record one document. Documents
+are tokenized without special tokens and joined with the tokenizer's EOS between
+records; windows of `seqlen` tokens are then cut at seeded random offsets of that
+stream, as GPTQ does with C4. No BOS is inserted, so every window is real text.
+
+Record formats (`Source.fields`, auto-detected from the first record when None):
+
+    "text"             {"text": ...}
+    "belle"            {"instruction": ..., "input": ... (optional), "output": ...}
+    "prompt_response"  {"prompt": ..., "response": ...}
+    "bluelm_sft"       {"inputs": "[|Human|]:...[|AI|]:", "targets": ...}
+                       (BlueLM's fine-tuning demo data: already in chat format)
+
+or `Source.template`, a `str.format` template over the record such as
+"{instruction}\\n{output}". `Source.chat` formats prompt/response records as a chat:
+"bluelm" ([|Human|]:{q}[|AI|]:{a}</s>), "template" (the tokenizer's chat template),
+or a callable (prompt, response) -> str.
+"""
+from __future__ import annotations
+
+import json
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
+
+TEXTS_DIR = Path(__file__).resolve().parent / "texts"
+LANGS = ("en", "zh")
+
+
+class CalibrationDataError(ValueError):
+    """A calibration source cannot be turned into token windows."""
+
+
+@dataclass(frozen=True)
+class _Preset:
+    prompt: tuple[str, ...]  # joined with "\n"; empty values skipped
+    response: str
+    optional: tuple[str, ...] = ()
+    joiner: str = "\n"  # between prompt and response in plain (non-chat) text
+    chat_ok: bool = True
+
+
+PRESETS = {
+    "text": _Preset((), "text", chat_ok=False),
+    "belle": _Preset(("instruction", "input"), "output", optional=("input",)),
+    "prompt_response": _Preset(("prompt",), "response"),
+    # The prompt already carries the [|Human|]: / [|AI|]: markers.
+    "bluelm_sft": _Preset(("inputs",), "targets", joiner="", chat_ok=False),
+}
+# Auto-detection order: the first preset whose required fields the first record has.
+_DETECT_ORDER = ("bluelm_sft", "belle", "prompt_response", "text")
+
+ChatFormat = Union[None, str, Callable[[str, str], str]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One calibration file and how to read it; a plain path is Source(path)."""
+
+    path: Union[str, os.PathLike]
+    fields: str | None = None
+    template: str | None = None
+    chat: ChatFormat = None
+
+    def __post_init__(self):
+        if self.fields is not None and self.fields not in PRESETS:
+            raise CalibrationDataError(
+                f"{self.path}: fields={self.fields!r} is not one of {sorted(PRESETS)}; "
+                "or give template='{field1}...{field2}'"
+            )
+        if self.template is not None and self.chat is not None:
+            raise CalibrationDataError(
+                f"{self.path}: give either template or chat, not both "
+                "(a template is already the whole text of a record)"
+            )
+        if isinstance(self.chat, str) and self.chat not in ("bluelm", "template"):
+            raise CalibrationDataError(
+                f"{self.path}: chat={self.chat!r} must be 'bluelm', 'template' or a callable"
+            )
+
+
+def calibration_path(lang: str) -> Path:
+    """Bundled calibration text for `lang` ("en" or "zh")."""
+    return _bundled("calib", lang)
+
+
+def heldout_path(lang: str) -> Path:
+    """Bundled held-out evaluation text for `lang`; disjoint from the calibration text."""
+    return _bundled("heldout", lang)
+
+
+def heldout_text(lang: str) -> str:
+    return heldout_path(lang).read_text(encoding="utf-8")
+
+
+def _bundled(kind: str, lang: str) -> Path:
+    if lang not in LANGS:
+        raise ValueError(f"lang={lang!r}: bundled texts exist for {LANGS}")
+    path = TEXTS_DIR / f"{kind}_{lang}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the package was installed without its texts/ data; "
+            "reinstall bluelm-quant or run tools/build_texts.py"
+        )
+    return path
+
+
+def default_sources() -> list[Source]:
+    """The bundled English and Chinese calibration texts (mixed evenly)."""
+    return [Source(calibration_path(lang)) for lang in LANGS]
+
+
+# ---------------------------------------------------------------- reading documents
+
+def load_documents(source: Union[Source, str, os.PathLike], tokenizer=None) -> list[str]:
+    """The documents of one source as strings (`tokenizer` only for chat='template')."""
+    src = source if isinstance(source, Source) else Source(source)
+    path = Path(src.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration source {path} does not exist")
+    ext = path.suffix.lower()
+    if ext == ".txt":
+        if src.fields or src.template or src.chat:
+            raise CalibrationDataError(f"{path}: fields/template/chat apply to .json/.jsonl only")
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise CalibrationDataError(f"{path} is empty")
+        return [text]
+    if ext not in (".json", ".jsonl"):
+        raise CalibrationDataError(
+            f"{path}: unknown extension {ext!r}; use .txt (plain text), .jsonl or .json (records)"
+        )
+    records = list(_read_records(path))
+    if not records:
+        raise CalibrationDataError(f"{path} holds no records")
+    fmt = _record_formatter(src, path, records[0][1], tokenizer)
+    docs = [fmt(rec, where) for where, rec in records]
+    if not any(d.strip() for d in docs):
+        raise CalibrationDataError(f"{path}: every record formats to empty text")
+    return docs
+
+
+def _read_records(path: Path) -> Iterable[tuple[str, dict]]:
+    """Yields (location, record); location is "file:line" for error messages."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CalibrationDataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+        for i, rec in enumerate(data):
+            yield from _checked_record(f"{path} record {i}", rec)
+        return
+    # JSON lines (BlueLM's demo data is JSON lines even when named .json).
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CalibrationDataError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
+        yield from _checked_record(f"{path}:{lineno}", rec)
+
+
+def _checked_record(where: str, rec) -> Iterable[tuple[str, dict]]:
+    if not isinstance(rec, dict):
+        raise CalibrationDataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    yield where, rec
+
+
+def _field(rec: dict, name: str, where: str, optional: bool = False) -> str:
+    if name not in rec or rec[name] is None:
+        if optional:
+            return ""
+        raise CalibrationDataError(
+            f"{where}: record has no field {name!r} (its fields: {sorted(rec)})"
+        )
+    value = rec[name]
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _record_formatter(src: Source, path: Path, first: dict, tokenizer):
+    if src.template is not None:
+        names = [f for _, f, _, _ in string.Formatter().parse(src.template) if f]
+        if not names:
+            raise CalibrationDataError(f"{path}: template {src.template!r} names no field")
+
+        def fmt_template(rec, where):
+            return src.template.format_map({n: _field(rec, n, where) for n in names})
+        return fmt_template
+
+    name = src.fields or next(
+        (n for n in _DETECT_ORDER
+         if all(f in first for f in PRESETS[n].prompt + (PRESETS[n].response,)
+                if f not in PRESETS[n].optional)),
+        None,
+    )
+    if name is None:
+        raise CalibrationDataError(
+            f"{path}: cannot tell the record format from the first record's fields "
+            f"{sorted(first)}; pass Source(path, fields=one of {sorted(PRESETS)}) "
+            "or Source(path, template='{a}\\n{b}')"
+        )
+    preset = PRESETS[name]
+    if src.chat is not None and not preset.chat_ok:
+        raise CalibrationDataError(
+            f"{path}: fields={name!r} records are not prompt/response pairs to format as a chat"
+        )
+    chat = _chat_formatter(src.chat, tokenizer, path)
+
+    def fmt_preset(rec, where):
+        prompt = "\n".join(
+            v for v in (_field(rec, f, where, f in preset.optional) for f in preset.prompt) if v
+        )
+        response = _field(rec, preset.response, where)
+        if chat is not None:
+            return chat(prompt, response)
+        return preset.joiner.join(p for p in (prompt, response) if p)
+    return fmt_preset
+
+
+def bluelm_chat(prompt: str, response: str) -> str:
+    """One BlueLM chat turn: [|Human|]:{q}[|AI|]:{a}</s> (BOS is the tokenizer's job)."""
+    return f"[|Human|]:{prompt}[|AI|]:{response}</s>"
+
+
+def _chat_formatter(chat: ChatFormat, tokenizer, path: Path):
+    if chat is None or callable(chat):
+        return chat
+    if chat == "bluelm":
+        return bluelm_chat
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise CalibrationDataError(
+            f"{path}: chat='template' needs a tokenizer with a chat_template; "
+            "use chat='bluelm' for BlueLM tokenizers"
+        )
+
+    def fmt(prompt, response):
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": response}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return fmt
+
+
+# ---------------------------------------------------------------- token windows
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # verbose=False: a whole book is longer than model_max_length, which is fine here.
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def token_stream(tokenizer, source, max_tokens: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The 1-D token stream of one source.
+
+    Records are taken in a seeded random order (when `generator` is given) and
+    tokenization stops once `max_tokens` is reached, so a large instruction set costs
+    only what the windows need; a .txt file is tokenized whole, in order.
+    """
+    src = source if isinstance(source, Source) else Source(source)
+    docs = load_documents(src, tokenizer)
+    order = range(len(docs))
+    if generator is not None and len(docs) > 1:
+        order = torch.randperm(len(docs), generator=generator).tolist()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for i in order:
+        doc_ids = _encode(tokenizer, docs[i])
+        if not doc_ids:
+            continue
+        ids.extend(doc_ids)
+        if len(docs) > 1 and eos is not None and doc_ids[-1] != eos:
+            ids.append(eos)  # a document boundary the model knows
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _split_evenly(n: int, k: int) -> list[int]:
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def calibration_windows(tokenizer, sources: Sequence | None = None, nsamples: int = 128,
+                        seqlen: int = 512, seed: int = 0) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens, LongTensor [nsamples, seqlen], on the CPU.
+
+    sources: paths or `Source`s; None = the bundled English and Chinese texts. Windows
+    are split as evenly as possible across sources, cut at random offsets of each
+    source's token stream (windows of one source may overlap when its text is short),
+    and returned in a shuffled order. The same tokenizer, sources and seed give the
+    same tensor.
+    """
+    if nsamples < 1 or seqlen < 1:
+        raise ValueError(f"nsamples={nsamples} and seqlen={seqlen} must be positive")
+    sources = default_sources() if sources is None else list(sources)
+    if not sources:
+        raise CalibrationDataError("sources is empty; pass None for the bundled texts")
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for src, count in zip(sources, _split_evenly(nsamples, len(sources))):
+        if count == 0:
+            continue
+        # Enough text that windows rarely overlap, without tokenizing a whole corpus.
+        stream = token_stream(tokenizer, src, max_tokens=4 * count * seqlen, generator=gen)
+        if stream.numel() < seqlen:
+            path = src.path if isinstance(src, Source) else src
+            raise CalibrationDataError(
+                f"{path} gives {stream.numel()} tokens; one window needs seqlen={seqlen}. "
+                "Add text or lower seqlen"
+            )
+        starts = torch.randint(0, stream.numel() - seqlen + 1, (count,), generator=gen)
+        rows.extend(stream[s:s + seqlen] for s in starts.tolist())
+    windows = torch.stack(rows)
+    return windows[torch.randperm(windows.shape[0], generator=gen)]

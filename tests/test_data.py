@@ -1,0 +1,197 @@
+"""Calibration windows: determinism, mixing, record formats and error messages."""
+import json
+import re
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from bluelm_quant import data
+from bluelm_quant.data import CalibrationDataError, Source, calibration_windows, token_stream
+
+
+def byte_symbols():
+    """The ByteLevel pre-tokenizer's printable stand-in for each byte value 0..255."""
+    kept = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in kept else chr(next(shifted)) for b in range(256)]
+
+
+def byte_tokenizer():
+    """One token per UTF-8 byte, token id = byte value, plus <s> = 256 and </s> = 257."""
+    vocab = {c: b for b, c in enumerate(byte_symbols())}
+    assert set(vocab) == set(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def jsonl(path, records):
+    return write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def decode(tok, ids):
+    return tok.decode(ids.tolist() if torch.is_tensor(ids) else ids)
+
+
+def test_windows_deterministic_per_seed(tok, tmp_path):
+    src = write(tmp_path / "a.txt", "".join(f"sentence number {i}. " for i in range(400)))
+    a = calibration_windows(tok, [src], nsamples=6, seqlen=32, seed=1)
+    b = calibration_windows(tok, [src], nsamples=6, seqlen=32, seed=1)
+    c = calibration_windows(tok, [src], nsamples=6, seqlen=32, seed=2)
+    assert a.dtype == torch.long and a.shape == (6, 32)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    text = src.read_text()
+    for row in a:  # every window is a contiguous slice of the source text
+        assert decode(tok, row) in text
+
+
+def test_default_mixes_english_and_chinese_evenly(tok):
+    w = calibration_windows(tok, nsamples=10, seqlen=64, seed=0)
+    assert w.shape == (10, 64)
+    # Chinese UTF-8 is mostly bytes >= 0x80; the English text is nearly pure ASCII.
+    high = [(row >= 0x80).float().mean().item() for row in w]
+    n_zh = sum(h > 0.5 for h in high)
+    n_en = sum(h < 0.1 for h in high)
+    assert (n_en, n_zh) == (5, 5)
+    assert [h > 0.5 for h in high] != [False] * 5 + [True] * 5  # rows are shuffled
+
+
+def test_uneven_split_and_no_special_tokens(tok, tmp_path):
+    a = write(tmp_path / "a.txt", "a" * 500)
+    b = write(tmp_path / "b.txt", "b" * 500)
+    w = calibration_windows(tok, [a, b], nsamples=5, seqlen=20, seed=0)
+    rows = sorted(decode(tok, r)[0] for r in w)
+    assert rows == ["a", "a", "a", "b", "b"]
+    assert w.max().item() < 256  # no BOS/EOS inside a single-document text
+
+
+def test_bundled_texts_exist_and_heldout_never_overlaps_calibration():
+    for lang in data.LANGS:
+        calib = data.calibration_path(lang).read_text(encoding="utf-8")
+        held = data.heldout_text(lang)
+        assert 100_000 < len(calib.encode()) < 400_000
+        assert 40_000 < len(held.encode()) < 110_000
+        calib_paras = set(calib.split("\n\n"))
+        assert not [p for p in held.split("\n\n") if p in calib_paras]
+        # Longer shared sentences would also be an overlap.
+        sentences = {s for s in re.split(r"(?<=[.。!?！？])\s*", held) if len(s) > 60}
+        assert not [s for s in sentences if s in calib]
+    assert re.search(r"[\u4e00-\u9fff]{20}", data.heldout_text("zh"))
+    with pytest.raises(ValueError, match="lang='fr'"):
+        data.heldout_path("fr")
+
+
+def test_jsonl_presets_autodetected(tok, tmp_path):
+    cases = {
+        "belle": ({"instruction": "Q1", "input": "ctx", "output": "A1"}, "Q1\nctx\nA1"),
+        "prompt_response": ({"prompt": "P", "response": "R"}, "P\nR"),
+        "text": ({"text": "plain words", "meta": 3}, "plain words"),
+        "bluelm_sft": ({"inputs": "[|Human|]:hi\n[|AI|]:", "targets": "yo"},
+                       "[|Human|]:hi\n[|AI|]:yo"),
+    }
+    for name, (record, expected) in cases.items():
+        path = jsonl(tmp_path / f"{name}.jsonl", [record])
+        assert data.load_documents(path) == [expected], name
+        assert data.load_documents(Source(path, fields=name)) == [expected], name
+
+
+def test_belle_input_optional_and_empty(tok, tmp_path):
+    path = jsonl(tmp_path / "b.jsonl", [{"instruction": "Q", "input": "", "output": "A"},
+                                        {"instruction": "Q2", "output": "A2"}])
+    assert data.load_documents(path) == ["Q\nA", "Q2\nA2"]
+
+
+def test_json_array_and_template(tok, tmp_path):
+    path = write(tmp_path / "r.json", json.dumps([{"q": "x", "a": "y"}, {"q": "1", "a": 2}]))
+    docs = data.load_documents(Source(path, template="Q: {q} A: {a}"))
+    assert docs == ["Q: x A: y", "Q: 1 A: 2"]
+
+
+def test_chat_formats(tok, tmp_path):
+    path = jsonl(tmp_path / "c.jsonl", [{"prompt": "你好", "response": "hi"}])
+    assert data.load_documents(Source(path, chat="bluelm")) == ["[|Human|]:你好[|AI|]:hi</s>"]
+    assert data.load_documents(Source(path, chat=lambda q, a: f"<{q}|{a}>")) == ["<你好|hi>"]
+    templated = byte_tokenizer()
+    templated.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    docs = data.load_documents(Source(path, chat="template"), tokenizer=templated)
+    assert docs == ["<user>你好<assistant>hi"]
+    with pytest.raises(CalibrationDataError, match="chat_template"):
+        data.load_documents(Source(path, chat="template"), tokenizer=tok)
+
+
+def test_records_joined_with_single_eos(tok, tmp_path):
+    eos = tok.eos_token_id
+    path = jsonl(tmp_path / "r.jsonl", [{"text": "ab"}, {"text": "cd</s>"}, {"text": "ef"}])
+    ids = token_stream(tok, path).tolist()
+    assert ids.count(eos) == 3  # after each record; "cd</s>" already ends with EOS
+    assert decode(tok, ids).replace("</s>", "|") == "ab|cd|ef|"
+
+
+def test_large_record_sets_stop_at_token_budget(tok, tmp_path):
+    path = jsonl(tmp_path / "many.jsonl", [{"text": f"record {i:05d}"} for i in range(2000)])
+    gen = torch.Generator().manual_seed(0)
+    stream = token_stream(tok, path, max_tokens=100, generator=gen)
+    assert 100 <= stream.numel() < 120
+    assert "record 00000" not in decode(tok, stream)  # seeded order, not file order
+
+
+def test_error_missing_file(tok, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        calibration_windows(tok, [tmp_path / "nope.txt"], nsamples=1, seqlen=4)
+
+
+def test_error_unknown_extension(tok, tmp_path):
+    path = write(tmp_path / "x.csv", "a,b\n")
+    with pytest.raises(CalibrationDataError, match=r"unknown extension '\.csv'"):
+        calibration_windows(tok, [path], nsamples=1, seqlen=2)
+
+
+def test_error_empty_text(tok, tmp_path):
+    path = write(tmp_path / "e.txt", "  \n\n")
+    with pytest.raises(CalibrationDataError, match="e.txt is empty"):
+        calibration_windows(tok, [path], nsamples=1, seqlen=2)
+
+
+def test_error_too_few_tokens_says_counts(tok, tmp_path):
+    path = write(tmp_path / "s.txt", "short text")  # 10 bytes = 10 tokens
+    with pytest.raises(CalibrationDataError, match=r"s.txt gives 10 tokens.*seqlen=64"):
+        calibration_windows(tok, [path], nsamples=2, seqlen=64)
+
+
+def test_error_record_missing_field_names_line(tok, tmp_path):
+    path = jsonl(tmp_path / "m.jsonl", [{"instruction": "a", "output": "b"},
+                                        {"instruction": "c", "outptu": "d"}])
+    with pytest.raises(CalibrationDataError, match=r"m.jsonl:2: record has no field 'output'"):
+        data.load_documents(path)
+    with pytest.raises(CalibrationDataError, match=r"m.jsonl:1: record has no field 'text'"):
+        data.load_documents(Source(path, fields="text"))
+
+
+def test_error_bad_json_and_unknown_format(tok, tmp_path):
+    bad = write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"text": \n')
+    with pytest.raises(CalibrationDataError, match=r"bad.jsonl:2: invalid JSON"):
+        data.load_documents(bad)
+    odd = jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(CalibrationDataError, match=r"\['answer', 'question'\].*template"):
+        data.load_documents(odd)
+    with pytest.raises(CalibrationDataError, match="not one of"):
+        Source(odd, fields="alpaca")
+    with pytest.raises(CalibrationDataError, match="either template or chat"):
+        Source(odd, template="{question}", chat="bluelm")
+    with pytest.raises(CalibrationDataError, match="not prompt/response pairs"):
+        data.load_documents(Source(jsonl(tmp_path / "t.jsonl", [{"text": "x"}]), chat="bluelm"))
