@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from typing import Iterable
 
 import torch
 from safetensors.torch import save_file
@@ -60,21 +61,39 @@ def _checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
+def write_shards(items: Iterable[tuple[str, torch.Tensor]], out_dir: str, max_shard_size: int = DEFAULT_MAX_SHARD) -> None:
+    """Stream (name, tensor) pairs into model-0000N-of-0000M.safetensors + index.
+
+    Only one shard's tensors are held at a time, so a 7B checkpoint can be written
+    from per-layer results with bounded memory. Shards are named with a placeholder
+    count first and renamed once the count is known.
+    """
+    names, current, size, total, weight_map = [], {}, 0, 0, {}
+
+    def flush():
+        nonlocal current, size
+        fname = f"model-{len(names) + 1:05d}.partial"
+        save_file(current, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        names.append((fname, list(current)))
+        current, size = {}, 0
+
+    for name, t in items:
         nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
+        if current and size + nbytes > max_shard_size:
+            flush()
+        current[name] = t.contiguous()
         size += nbytes
-    if current or not shards:
-        shards.append(current)
-    return shards
+        total += nbytes
+    if current or not names:
+        flush()
+    for i, (partial, keys) in enumerate(names, start=1):
+        fname = f"model-{i:05d}-of-{len(names):05d}.safetensors"
+        os.replace(os.path.join(out_dir, partial), os.path.join(out_dir, fname))
+        weight_map.update({k: fname for k in keys})
+    write_json(os.path.join(out_dir, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _copy_model_files(source_dir: str, out_dir: str) -> None:
+def copy_model_files(source_dir: str, out_dir: str) -> None:
     """Tokenizer, generation config, license... everything but weights and configs."""
     for name in sorted(os.listdir(source_dir)):
         path = os.path.join(source_dir, name)
@@ -85,23 +104,18 @@ def _copy_model_files(source_dir: str, out_dir: str) -> None:
 
 def write_checkpoint(model: nn.Module, out_dir: str, config: QuantConfig, max_shard_size: int = DEFAULT_MAX_SHARD) -> None:
     """Write weights, index and configs into an existing (temporary) directory."""
-    tensors = _checkpoint_tensors(model)
-    shards = _shard(tensors, max_shard_size)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    write_json(os.path.join(out_dir, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": weight_map})
-    write_json(os.path.join(out_dir, "quantize_config.json"), config.to_dict())
-    hf_config = model.config.to_dict() if hasattr(model, "config") else {}
-    hf_config["quantization_config"] = config.to_dict()
-    write_json(os.path.join(out_dir, "config.json"), hf_config)
+    write_shards(_checkpoint_tensors(model).items(), out_dir, max_shard_size)
+    write_configs(out_dir, model.config.to_dict(), config)
     gen = getattr(model, "generation_config", None)
     if gen is not None and not os.path.exists(os.path.join(out_dir, "generation_config.json")):
         gen.save_pretrained(out_dir)
+
+
+def write_configs(out_dir: str, hf_config: dict, config: QuantConfig) -> None:
+    """quantize_config.json, and config.json carrying quantization_config."""
+    write_json(os.path.join(out_dir, "quantize_config.json"), config.to_dict())
+    hf_config = dict(hf_config, quantization_config=config.to_dict())
+    write_json(os.path.join(out_dir, "config.json"), hf_config)
 
 
 def save_quantized(
@@ -118,7 +132,7 @@ def save_quantized(
         raise ValueError("the model has no QuantLinear layer; quantize it before saving")
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         if source_dir:
-            _copy_model_files(source_dir, tmp)
+            copy_model_files(source_dir, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_checkpoint(model, tmp, config, max_shard_size)
@@ -235,7 +249,8 @@ def _swap_quantized_linears(model, reader: ShardReader, config: QuantConfig, leg
     return sorted(quantized)
 
 
-def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Set the parameter or buffer `key` (dotted, relative to `model`) to `tensor`."""
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if attr in module._parameters:
@@ -282,7 +297,7 @@ def load_quantized(path: str, device="cpu", dtype: torch.dtype | None = None) ->
                 t = t.to(dtype)
             elif key.endswith(("qweight", "qzeros", "g_idx")):
                 t = t.to(torch.int32)
-            _assign(model, key, t.to(device))
+            assign_tensor(model, key, t.to(device))
             loaded.add(key)
         reader.release(file)
     if unexpected:

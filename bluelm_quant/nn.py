@@ -15,7 +15,7 @@ from torch import nn
 
 from . import ops
 from .config import QuantConfig, SUPPORTED_BITS
-from .packing import pack_multiple, pack_qweight, pack_qzeros
+from .packing import gptq_tensors, pack_multiple
 from .quantizer import QuantizedWeight, default_g_idx, rtn
 
 
@@ -83,10 +83,8 @@ class QuantLinear(nn.Module):
         if qw.scales.shape != self.scales.shape:
             raise ValueError(f"{qw.scales.shape[0]} groups given, layer has {self.scales.shape[0]}")
         device = self.qweight.device
-        self.qweight = pack_qweight(qw.codes.T, self.bits).to(device)
-        self.qzeros = pack_qzeros(qw.zeros, self.bits, "gptq").to(device)
-        self.scales = qw.scales.to(self.scales.dtype).to(device)
-        self.g_idx = qw.g_idx.to(torch.int32).to(device)
+        for name, t in gptq_tensors(qw, self.scales.dtype).items():
+            setattr(self, name, t.to(device))
         if bias is not None:
             if self.bias is None:
                 raise ValueError("bias given to a QuantLinear built with bias=False")

@@ -158,3 +158,13 @@ def convert_qzeros(qzeros: torch.Tensor, bits: int, src: str, dst: str) -> torch
             f"v1 qzeros hold a zero of {int(zeros.max())}, which {bits}-bit v2 cannot store"
         )
     return pack_qzeros(zeros, bits, dst)
+
+
+def gptq_tensors(qw, scale_dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """A QuantizedWeight (codes [N, K], grid per group) -> the standard checkpoint tensors."""
+    return {
+        "qweight": pack_qweight(qw.codes.T, qw.bits),
+        "qzeros": pack_qzeros(qw.zeros, qw.bits, "gptq"),
+        "scales": qw.scales.to(scale_dtype),
+        "g_idx": qw.g_idx.to(torch.int32),
+    }

@@ -22,3 +22,30 @@ def tiny_llama(tie: bool = False, seed: int = 0, dtype=torch.float32, **override
 
 def tokens(batch: int = 2, seq: int = 16, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def byte_symbols():
+    """The ByteLevel pre-tokenizer's printable stand-in for each byte value 0..255."""
+    kept = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in kept else chr(next(shifted)) for b in range(256)]
+
+
+def byte_tokenizer():
+    """One token per UTF-8 byte, token id = byte value, plus <s> = 256 and </s> = 257."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: b for b, c in enumerate(byte_symbols())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_llama_dir(path: str, **overrides) -> str:
+    """A tiny LLaMA + byte tokenizer saved as a Hugging Face directory (sharded)."""
+    overrides.setdefault("vocab_size", 258)
+    tiny_llama(**overrides).save_pretrained(path, max_shard_size="100KB")
+    byte_tokenizer().save_pretrained(path)
+    return path

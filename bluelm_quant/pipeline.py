@@ -1,0 +1,297 @@
+"""Layer-by-layer GPTQ over a whole model, with bounded memory and resume.
+
+Data flows one way:
+  token windows -> first layer's inputs -> for each decoder layer: load its weights
+  from the source shards -> per Linear group (forward order): accumulate the Hessian
+  of the group's input, GPTQ each Linear, write the dequantized weight back -> run the
+  quantized layer to get the next layer's inputs -> save the packed layer, drop its
+  weights -> stream everything into the final checkpoint.
+
+Only one decoder layer's full-precision weights are in memory at a time (the model
+skeleton's parameters live on the meta device). Activations stay on the CPU; a layer
+runs on `device`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import ops
+from .capture import StopForward, capture_first_layer_inputs, run_layer
+from .checkpoint import DEFAULT_MAX_SHARD, assign_tensor, build_skeleton, copy_model_files, write_configs, write_shards
+from .config import QuantConfig
+from .gptq import GPTQ
+from .models import ModelSpec, spec_for
+from .packing import gptq_tensors
+from .report import write_report
+from .shards import CheckpointError, ShardReader
+from .workdir import WorkDir
+
+log = logging.getLogger(__name__)
+
+TOKENS_PER_BATCH = 4096  # windows per forward batch = this / seqlen: big enough matmuls, small attention
+
+
+class NonFiniteActivationError(RuntimeError):
+    """A layer produced NaN or Inf."""
+
+
+@dataclass
+class RunOptions:
+    device: str = "cpu"
+    dtype: torch.dtype | None = None  # layer compute dtype; None: fp32 on CPU, source dtype on GPU
+    resume: bool = False
+    overwrite: bool = False
+    max_shard_size: int = DEFAULT_MAX_SHARD
+    progress: bool = True
+    settings: dict = field(default_factory=dict)  # calibration description, compared on resume
+
+
+def _source_dtype(reader: ShardReader, spec: ModelSpec) -> torch.dtype:
+    for key in reader.keys():
+        if key.startswith(spec.layers + ".") and key.endswith(".weight"):
+            return reader.get(key).dtype
+    raise CheckpointError(f"no decoder-layer weights under {spec.layers!r} in {reader.directory}")
+
+
+def _compute_dtype(opts: RunOptions, source: torch.dtype) -> torch.dtype:
+    if opts.dtype is not None:
+        return opts.dtype
+    if torch.device(opts.device).type == "cpu":
+        return torch.float32
+    return source if source in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def load_module(module: nn.Module, prefix: str, reader: ShardReader, device, dtype) -> None:
+    """Materialize a module's parameters and persistent buffers from the source shards."""
+    persistent = {n for n, _ in module.named_buffers()} - {
+        f"{m}.{b}".lstrip(".") for m, sub in module.named_modules() for b in sub._non_persistent_buffers_set
+    }
+    names = [n for n, _ in module.named_parameters()] + sorted(persistent)
+    for name in names:
+        key = f"{prefix}.{name}" if prefix else name
+        if key not in reader:
+            raise CheckpointError(f"tensor {key} is missing from {reader.directory}")
+        t = reader.get(key)
+        want = tuple(module.get_parameter(name).shape if name in dict(module.named_parameters()) else module.get_buffer(name).shape)
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"tensor {key} has shape {list(t.shape)}, the model expects {list(want)}")
+        assign_tensor(module, name, t.to(device, dtype if t.is_floating_point() else t.dtype))
+
+
+def write_back(linear: nn.Linear, tensors: dict[str, torch.Tensor], bits: int) -> None:
+    """Replace a Linear's weight by its dequantized value (what later layers must see).
+
+    Used both after GPTQ and on resume, so that both paths feed the next layer
+    bit-identical weights.
+    """
+    w = ops.dequantize_reference(
+        tensors["qweight"].to(linear.weight.device), tensors["qzeros"].to(linear.weight.device),
+        tensors["scales"].to(linear.weight.device), tensors["g_idx"].to(linear.weight.device), bits, torch.float32,
+    )
+    linear.weight.data.copy_(w.T.to(linear.weight.dtype))
+
+
+def quantize_layer(layer, hidden, kwargs, spec: ModelSpec, config: QuantConfig, device, batch: int, name: str):
+    """GPTQ every Linear of one decoder layer; returns (tensors by 'linear.suffix', stats)."""
+    groups = spec.sequential if config.true_sequential else (tuple(n for g in spec.sequential for n in g),)
+    tensors, stats = {}, {}
+    for group in groups:
+        # Linears of a spec group read the same input, so one Hessian serves them all.
+        firsts = [g[0] for g in spec.sequential if g[0] in group]
+        solvers = {n: GPTQ(layer.get_submodule(n).in_features, device=device) for n in firsts}
+        hooks = []
+        for n in firsts:
+            def collect(_module, inputs, n=n):
+                x = inputs[0]
+                if not torch.isfinite(x).all():
+                    raise NonFiniteActivationError(f"{name}.{n}: input activations contain NaN/Inf")
+                solvers[n].add_batch(x)
+                if config.true_sequential:
+                    raise StopForward  # the rest of the layer is not needed for this group
+
+            hooks.append(layer.get_submodule(n).register_forward_pre_hook(collect))
+        try:
+            run_layer(layer, hidden, kwargs, device, batch, stop=config.true_sequential)
+        finally:
+            for h in hooks:
+                h.remove()
+        for sub in spec.sequential:
+            if sub[0] not in solvers:
+                continue
+            solver = solvers[sub[0]]
+            for n in sub:
+                linear = layer.get_submodule(n)
+                result = solver.quantize(linear.weight.data, config)
+                t = gptq_tensors(result.quantized)
+                if linear.bias is not None:
+                    t["bias"] = linear.bias.detach().to("cpu", torch.float16)
+                write_back(linear, t, config.bits)
+                tensors.update({f"{n}.{k}": v.cpu() for k, v in t.items()})
+                stats[n] = {"loss": float(result.loss), "damp": float(result.damp), "seconds": float(result.seconds)}
+            solver.free()
+    return tensors, stats
+
+
+def _windows_digest(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def quantize_model(model_dir: str, out_dir: str, config: QuantConfig, windows: torch.Tensor, opts: RunOptions) -> dict:
+    """Quantize the full-precision model in `model_dir` into a GPTQ checkpoint at `out_dir`."""
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise CheckpointError(f"{model_dir} has no config.json; --model must be a Hugging Face model directory")
+    reader = ShardReader(model_dir)
+    device = torch.device(opts.device)
+    model = build_skeleton(model_dir, torch.float32, reader)
+    spec = spec_for(model.config)
+    vocab = model.get_input_embeddings().num_embeddings
+    if windows.numel() and (int(windows.min()) < 0 or int(windows.max()) >= vocab):
+        raise ValueError(
+            f"calibration token ids span [{int(windows.min())}, {int(windows.max())}] but the model has "
+            f"vocab_size={vocab}; the tokenizer does not belong to this model"
+        )
+    layers: nn.ModuleList = model.get_submodule(spec.layers)
+    source_dtype = _source_dtype(reader, spec)
+    dtype = _compute_dtype(opts, source_dtype)
+    batch = max(1, TOKENS_PER_BATCH // windows.shape[1])
+    settings = {
+        **config.to_dict(),
+        "model": os.path.abspath(model_dir),
+        "nsamples": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "windows_sha256": _windows_digest(windows),
+        "compute_dtype": str(dtype),
+        "device_type": device.type,
+        **opts.settings,
+    }
+    work = WorkDir(out_dir)
+    done = work.start(settings, opts.resume, opts.overwrite)
+    if done:
+        log.info("resuming: %d of %d layers already quantized in %s", done, len(layers), work.path)
+    per_layer = []
+    if done < len(layers):
+        per_layer = _run_layers(model, layers, spec, reader, config, windows, work, done, device, dtype, batch, opts)
+    else:
+        per_layer = [work.load_layer(i)[1] for i in range(len(layers))]
+    _assemble(model, layers, spec, reader, config, work, opts, source_dtype)
+    report = write_report(work.final_dir, per_layer, settings)
+    work.finish()
+    return report
+
+
+def _run_layers(model, layers, spec, reader, config, windows, work, done, device, dtype, batch, opts):
+    for name in spec.before:
+        if _has_module(model, name):
+            load_module(model.get_submodule(name), name, reader, device, dtype)
+    hidden, kwargs = capture_first_layer_inputs(model, layers, windows, device, dtype, batch)
+    for name in spec.before:
+        if _has_module(model, name):
+            model.get_submodule(name).to("meta")  # the embedding is no longer needed
+    per_layer = []
+    bar = tqdm(range(len(layers)), desc="quantizing", unit="layer", disable=not opts.progress)
+    for i in bar:
+        layer, prefix = layers[i], f"{spec.layers}.{i}"
+        load_module(layer, prefix, reader, device, dtype)
+        start = time.perf_counter()
+        if i < done:
+            tensors, stats = work.load_layer(i)
+            for n in (n for g in spec.sequential for n in g):
+                write_back(layer.get_submodule(n), {k.split(".")[-1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == n}, config.bits)
+        else:
+            tensors, linear_stats = quantize_layer(layer, hidden, kwargs, spec, config, device, batch, prefix)
+            stats = {"layer": i, "linears": linear_stats, "seconds": time.perf_counter() - start, **_sizes(layer, tensors, spec)}
+            work.save_layer(i, tensors, stats)
+            bar.set_postfix_str(" ".join(f"{n.split('.')[-1]}={s['loss']:.3g}" for n, s in linear_stats.items()))
+        if i + 1 < len(layers):
+            run_layer(layer, hidden, kwargs, device, batch, out=hidden)
+            if not torch.isfinite(hidden).all():
+                raise NonFiniteActivationError(
+                    f"{prefix} produced NaN/Inf activations; try --dtype float32, a larger --damp, or check the source weights"
+                )
+        layer.to("meta")
+        per_layer.append(stats)
+    return per_layer
+
+
+def _has_module(model, name) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _sizes(layer, tensors, spec) -> dict:
+    names = [n for g in spec.sequential for n in g]
+    before = sum(layer.get_submodule(n).weight.numel() * 2 for n in names)  # vs 16-bit weights
+    after = sum(t.numel() * t.element_size() for t in tensors.values())
+    return {"bytes_fp16": before, "bytes_quantized": after}
+
+
+def _assemble(model, layers, spec, reader, config, work, opts, source_dtype) -> None:
+    """Stream source tensors and packed layers into the final checkpoint directory."""
+    os.makedirs(work.final_dir)
+    quantized = {f"{spec.layers}.{i}.{n}" for i in range(len(layers)) for g in spec.sequential for n in g}
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    handles = {}
+
+    def items():
+        for key in model.state_dict(keep_vars=True):
+            module = key.rsplit(".", 1)[0]
+            if module in quantized:
+                if not key.endswith(".weight"):
+                    continue  # a bias travels with the packed tensors
+                i = int(module[len(spec.layers) + 1 :].split(".")[0])
+                h = handles.setdefault(i, work.layer_tensor_handle(i))
+                local = module[len(f"{spec.layers}.{i}.") :]
+                for k in sorted(h.keys()):
+                    if k.rsplit(".", 1)[0] == local:
+                        yield f"{module}.{k.rsplit('.', 1)[1]}", h.get_tensor(k)
+            elif key in reader:
+                yield key, reader.get(key)
+            elif key not in tied:
+                raise CheckpointError(f"tensor {key} is missing from {reader.directory}")
+
+    write_shards(items(), work.final_dir, opts.max_shard_size)
+    copy_model_files(reader.directory, work.final_dir)
+    with open(os.path.join(reader.directory, "config.json"), encoding="utf-8") as f:
+        hf = json.load(f)  # the source's own config (dtype, auto_map...), not the skeleton's
+    hf.pop("quantization_config", None)
+    write_configs(work.final_dir, hf, config)
+
+
+def quantize(
+    model_dir: str,
+    out_dir: str,
+    config: QuantConfig,
+    calib: list | None = None,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    opts: RunOptions | None = None,
+) -> dict:
+    """Tokenize calibration text with the model's tokenizer, then `quantize_model`.
+
+    calib: paths or data.Source objects; None = the bundled English + Chinese texts.
+    """
+    from transformers import AutoTokenizer
+
+    from . import models  # noqa: F401  (BlueLM's tokenizer registration)
+    from .data import calibration_windows
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise CheckpointError(f"{model_dir} has no config.json; --model must be a Hugging Face model directory")
+    opts = opts or RunOptions()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = calibration_windows(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    opts.settings = {**opts.settings, "calib": [str(getattr(c, "path", c)) for c in calib] if calib else "bundled", "seed": seed}
+    return quantize_model(model_dir, out_dir, config, windows, opts)
