@@ -1,9 +1,38 @@
+"""bluelm-quant: the Python package plus the compiled `quant_cuda` kernels.
+
+    pip install --no-build-isolation -e .     (the build needs the environment's torch)
+
+Builds CUDA + CPU kernels when torch is a CUDA build and nvcc is found, CPU kernels
+only otherwise; the choice and its flags live in quant_cuda/build_ext_config.py.
+"""
+import os
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_config():
+    # Loaded by path: `import quant_cuda.build_ext_config` breaks once the compiled
+    # top-level `quant_cuda` module exists (see that file).
+    import importlib.util
+
+    path = os.path.join(HERE, "quant_cuda", "build_ext_config.py")
+    spec = importlib.util.spec_from_file_location("_quant_cuda_build_ext_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ext, build_ext, _kind = _build_config().make_extension(prefix="quant_cuda/")
 
 setup(
     name="bluelm-quant",
     version="0.1.0",
     description="4-bit GPTQ quantization and inference for BlueLM and LLaMA-like models",
     packages=find_packages(include=["bluelm_quant", "bluelm_quant.*"]),
+    package_data={"bluelm_quant": ["texts/*"]},
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",
 )

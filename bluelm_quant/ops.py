@@ -5,6 +5,15 @@ extension's kernel when one exists for the device, dtype and bit width, and the
 reference path (dequantize, then matmul) otherwise. The reference path is also the
 oracle that the kernels are tested against.
 
+Which path runs (`backend()` says what was built; every fallback is logged once):
+  kernel     4-bit layers that `prepare` accepted, with the compiled `quant_cuda` module:
+             CPU float32/bfloat16 (float16 computed in float32), CUDA float16/bfloat16
+             (float32 computed in float16, the GPTQ ecosystem's compute dtype).
+             At M = prod(x.shape[:-1]) >= *_DEQUANT_MIN_M rows: dequantize once + torch.matmul.
+  reference  everything else: 2/3/8-bit, float64, act-order layouts whose groups are not
+             contiguous runs after sorting, x that needs a gradient (the ops have no
+             backward), or no compiled extension.
+
 Tensor layout (the standard GPTQ one, K = in_features, N = out_features):
   qweight int32 [K*bits/32, N]   codes packed along K, least-significant bits first
   qzeros  int32 [G, N*bits/32]   v1 zeros (zero - 1) packed along N
@@ -13,11 +22,30 @@ Tensor layout (the standard GPTQ one, K = in_features, N = out_features):
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .packing import pack_multiple, unpack_qweight, unpack_qzeros
+from .packing import pack_multiple, pack_qweight, unpack_qweight, unpack_qzeros
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+log = logging.getLogger(__name__)
+
+# From this many activation rows on, dequantize the whole weight once and call the vendor
+# GEMM instead of the fused kernel.
+# CPU: measured on the shared 2-core dev machine (AMD EPYC, AVX2 path, fp32, group 128,
+# load average ~8 from other jobs, so absolute times are inflated), median ms of 15,
+# fused kernel / dequantize + torch.matmul / dense fp32 torch.matmul:
+#   4096x11008, 2 threads: M=1 20/338/30, M=64 282/687/345, M=128 528/847/516
+#   4096x4096,  2 threads: M=64 143/354/210, M=256 461/614/428, M=512 977/716/600
+#   4096x4096,  1 thread:  M=256 426/394/286
+# The fused kernel keeps up with MKL's SGEMM to M ~ 128 and the crossover lies at M ~ 256.
+# The dequantized weight is fp32 on CPU (fp32 SGEMM, and as accurate as the fused kernel).
+CPU_DEQUANT_MIN_M = 256
+# CUDA: placeholder until measured on a GPU (tools/bench_kernels.py); exllamav2 switches
+# at a few dozen rows for the same reason.
+CUDA_DEQUANT_MIN_M = 64
 
 
 class QuantOpError(ValueError):
@@ -82,28 +110,174 @@ def check_activation(x: torch.Tensor, qweight: torch.Tensor, in_features: int) -
         raise QuantOpError(f"activations are on {x.device} but the quantized weights are on {qweight.device}")
 
 
+# --- the compiled extension ------------------------------------------------------------
+
+
+def _load_extension():
+    """(module, None) or (None, why it is not usable)."""
+    try:
+        import quant_cuda
+    except ImportError as e:  # also undefined symbols from a torch version mismatch
+        return None, f"{type(e).__name__}: {e}"
+    if not hasattr(quant_cuda, "with_cuda"):
+        # The source folder quant_cuda/ (no __init__.py) imports as an empty namespace package.
+        where = getattr(quant_cuda, "__file__", None) or list(getattr(quant_cuda, "__path__", []))
+        return None, f"`import quant_cuda` found {where}, not the compiled module"
+    return quant_cuda, None
+
+
+_ext, _ext_error = _load_extension()
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("bluelm_quant.ops: %s", message)
+
+
+def backend() -> str:
+    """What quantized matmuls run on: 'cuda+cpu kernels (...)', 'cpu-kernel (...)' or 'reference (...)'."""
+    if _ext is None:
+        return f"reference (extension not built: {_ext_error})"
+    if _ext.with_cuda:
+        return f"cuda+cpu kernels (TORCH_CUDA_ARCH_LIST {_ext.cuda_archs}; CPU {_ext.cpu_isa})"
+    return f"cpu-kernel ({_ext.cpu_isa}; no CUDA kernels in this build)"
+
+
+if _ext is not None:
+    # Shapes for torch.compile / fake tensors; the C++ schemas point here (set_python_module).
+    @torch.library.register_fake("bluelm_quant::gemm_4bit")
+    def _gemm_4bit_fake(x, qweight, qzeros, scales, perm, group_size, bias):
+        torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {tuple(x.shape)}")
+        torch._check(x.shape[1] == qweight.shape[0] * 8, lambda: f"x {tuple(x.shape)} does not fit qweight {tuple(qweight.shape)}")
+        return x.new_empty((x.shape[0], qweight.shape[1]))
+
+    @torch.library.register_fake("bluelm_quant::dequantize_4bit")
+    def _dequantize_4bit_fake(qweight, qzeros, scales, group_size, dtype=None):
+        return scales.new_empty((qweight.shape[0] * 8, qweight.shape[1]), dtype=dtype or scales.dtype)
+
+
+# --- load-time preparation ------------------------------------------------------------------
+
+# `prepare` returns the group size as the *shape* of an empty tensor: the dict may only hold
+# tensors (they become buffers that follow the module across devices), and reading a value
+# from a CUDA tensor at every forward would synchronise the GPU and break torch.compile graphs.
+GROUP_SIZE_KEY = "kernel_group_size"  # int32 [0, group_size]
+PERM_KEY = "kernel_perm"  # int32 [K]: act-order, row r of the repacked weight is input row perm[r]
+QWEIGHT_KEY = "kernel_qweight"  # int32 [K/8, N]: qweight with rows in perm order
+
+
+def _contiguous_group_size(g_sorted: torch.Tensor, k: int, groups: int) -> int | None:
+    """The group size if sorted g_idx is exactly arange(K) // gs for some gs, else None."""
+    gs = int((g_sorted == 0).sum())
+    if gs == 0 or -(-k // gs) != groups:
+        return None
+    expected = torch.arange(k, dtype=torch.int64) // gs
+    return gs if torch.equal(g_sorted.to(torch.int64), expected) else None
+
+
 def prepare(qweight, qzeros, scales, g_idx, bits: int) -> dict[str, torch.Tensor]:
     """Extra tensors the kernel wants for this layer (repacked once at load time).
 
     Returned tensors become non-persistent buffers of the QuantLinear and come back to
-    `gemm` as `kernel`. The reference path needs none.
+    `gemm` as `kernel`. An empty dict means this layer runs on the reference path (the
+    reason is logged once).
+
+    The kernels take groups as contiguous runs of rows (row r in group r // group_size).
+    Act-order checkpoints keep qweight in the original input order with a permuted g_idx;
+    here rows are stable-sorted by g_idx and qweight is repacked in that order
+    (QWEIGHT_KEY, a second copy of the packed weight), with the permutation (PERM_KEY) for
+    the kernel to gather x. If, after sorting, the groups are not runs of one size (a
+    partial last group allowed), or that size is not a multiple of 8, the layer keeps the
+    reference path. Tensors on the meta device give {} without a warning.
     """
-    check_layer(qweight, qzeros, scales, g_idx, bits)
-    return {}
+    k, n, groups = check_layer(qweight, qzeros, scales, g_idx, bits)
+    if qweight.is_meta or g_idx.is_meta:
+        return {}  # a skeleton: call again once real tensors are loaded (QuantLinear.post_init)
+    if bits != 4:
+        _warn_once(f"no kernel for {bits}-bit layers: they run on the reference path (dequantize + matmul)")
+        return {}
+    g = g_idx.detach().to("cpu", torch.int64)
+    if k and (int(g.min()) < 0 or int(g.max()) >= groups):
+        raise QuantOpError(f"g_idx values lie in [{int(g.min())}, {int(g.max())}], expected [0, {groups}) for {groups} groups")
+    order = torch.argsort(g, stable=True)
+    gs = _contiguous_group_size(g[order], k, groups)
+    if gs is None or gs % 8:
+        _warn_once(
+            f"a layer's g_idx (K={k}, {groups} groups) does not form contiguous groups of one size that is a "
+            "multiple of 8 after sorting: it runs on the reference path"
+        )
+        return {}
+    out = {GROUP_SIZE_KEY: torch.empty((0, gs), dtype=torch.int32, device=qweight.device)}
+    if not torch.equal(order, torch.arange(k)):
+        codes = unpack_qweight(qweight, bits)[order.to(qweight.device)]
+        out[QWEIGHT_KEY] = pack_qweight(codes, bits)
+        out[PERM_KEY] = order.to(device=qweight.device, dtype=torch.int32)
+    return out
+
+
+# --- dispatch --------------------------------------------------------------------------------
+
+
+def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype | None, str]:
+    """The dtype the kernel runs in for x, or (None, why not)."""
+    if _ext is None:
+        return None, f"the quant_cuda extension is not usable ({_ext_error}); all quantized matmuls use the reference path"
+    if x.device.type == "cpu":
+        if x.dtype in (torch.float32, torch.bfloat16):
+            return x.dtype, ""
+        if x.dtype == torch.float16:
+            return torch.float32, ""  # no fp16 CPU kernel; fp32 is exact for fp16 inputs
+    elif x.device.type == "cuda":
+        if not _ext.with_cuda:
+            return None, "quant_cuda was built without CUDA kernels (CPU-only build): CUDA tensors use the reference path"
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return x.dtype, ""
+        if x.dtype == torch.float32:
+            return torch.float16, ""
+    else:
+        return None, f"no quant_cuda kernels for device type {x.device.type!r}: reference path"
+    return None, f"no kernel for {x.dtype} activations on {x.device.type}: reference path"
 
 
 def gemm(x, qweight, qzeros, scales, g_idx, bits: int, bias=None, kernel=None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x [..., K]; output in x's dtype.
 
-    `kernel` is what `prepare` returned for these tensors (may be empty).
+    `kernel` is what `prepare` returned for these tensors (may be empty: reference path).
     """
     k = qweight.shape[0] * 32 // bits
     check_activation(x, qweight, k)
-    return gemm_reference(x, qweight, qzeros, scales, g_idx, bits, bias)
+    if kernel is None:
+        _warn_once("gemm called without kernel=prepare(...): reference path (QuantLinear.post_init() prepares)")
+    if not kernel or GROUP_SIZE_KEY not in kernel or (x.requires_grad and torch.is_grad_enabled()):
+        return gemm_reference(x, qweight, qzeros, scales, g_idx, bits, bias)
+    dtype, why = _compute_dtype(x)
+    if dtype is None:
+        _warn_once(why)
+        return gemm_reference(x, qweight, qzeros, scales, g_idx, bits, bias)
+
+    group_size = kernel[GROUP_SIZE_KEY].shape[1]
+    perm = kernel.get(PERM_KEY)
+    qw = kernel.get(QWEIGHT_KEY, qweight)
+    n = qweight.shape[1]
+    x2 = x.reshape(-1, k).to(dtype)
+    s = scales.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    min_m = CUDA_DEQUANT_MIN_M if x.is_cuda else CPU_DEQUANT_MIN_M
+    if x2.shape[0] >= min_m:
+        mm_dtype = dtype if x.is_cuda else torch.float32
+        w = torch.ops.bluelm_quant.dequantize_4bit(qw, qzeros, s, group_size, mm_dtype)
+        xp = (x2 if perm is None else x2.index_select(1, perm)).to(mm_dtype)
+        y = torch.matmul(xp, w) if b is None else torch.addmm(b.to(mm_dtype), xp, w)
+    else:
+        y = torch.ops.bluelm_quant.gemm_4bit(x2, qw, qzeros, s, perm, group_size, b)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 __all__ = [
     "QuantOpError",
+    "backend",
     "check_layer",
     "dequantize_reference",
     "gemm",

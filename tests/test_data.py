@@ -4,28 +4,11 @@ import re
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from bluelm_quant import data
 from bluelm_quant.data import CalibrationDataError, Source, calibration_windows, token_stream
 
-
-def byte_symbols():
-    """The ByteLevel pre-tokenizer's printable stand-in for each byte value 0..255."""
-    kept = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-    shifted = iter(range(256, 512))
-    return [chr(b) if b in kept else chr(next(shifted)) for b in range(256)]
-
-
-def byte_tokenizer():
-    """One token per UTF-8 byte, token id = byte value, plus <s> = 256 and </s> = 257."""
-    vocab = {c: b for b, c in enumerate(byte_symbols())}
-    assert set(vocab) == set(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+from tiny_models import byte_tokenizer
 
 
 @pytest.fixture(scope="module")
