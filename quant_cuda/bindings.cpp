@@ -1,0 +1,256 @@
+// Torch bindings of quant_cuda: the only file that includes torch. It registers the ops
+// under the `bluelm_quant` namespace (TORCH_LIBRARY), checks every tensor at the
+// boundary with messages that name shapes, dtypes and devices, allocates the output,
+// and calls the torch-free kernels of kernels.h. Fake (meta) implementations for
+// torch.compile live in bluelm_quant/ops.py (torch.library.register_fake), which
+// set_python_module below points torch at.
+//
+// Non-contiguous inputs are accepted and copied to contiguous tensors first (the kernels
+// take raw row-major pointers); callers that care about the copy pass contiguous tensors.
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+#ifdef QUANT_CUDA_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
+
+#include "cpu_kernels.h"
+#include "kernels.h"
+
+// TORCH_CUDA_ARCH_LIST of the build, comma-separated (set by build_ext_config.py).
+#define QC_STR2(...) #__VA_ARGS__
+#define QC_STR(...) QC_STR2(__VA_ARGS__)
+#ifdef QUANT_CUDA_ARCHS
+static const char* kBuiltArchs = QC_STR(QUANT_CUDA_ARCHS);
+#else
+static const char* kBuiltArchs = "";
+#endif
+
+namespace {
+
+using at::Tensor;
+using namespace quant_cuda;
+
+int kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kFloat32;
+    case at::kHalf: return kFloat16;
+    case at::kBFloat16: return kBFloat16;
+    default: return -1;
+  }
+}
+
+bool device_supports(const at::Device& d, at::ScalarType t) {
+  if (d.is_cpu()) return t == at::kFloat || t == at::kBFloat16;
+#ifdef QUANT_CUDA_WITH_CUDA
+  if (d.is_cuda()) return t == at::kHalf || t == at::kBFloat16;
+#endif
+  return false;
+}
+
+const char* supported_dtypes(const at::Device& d) {
+  return d.is_cuda() ? "float16 or bfloat16 (ops.gemm converts float32 to float16 on CUDA)"
+                     : "float32 or bfloat16";
+}
+
+struct Layer {
+  int64_t K, N, G;
+};
+
+// qweight [K/8, N], qzeros [G, N/8], scales [G, N], G = ceil(K / group_size), one device.
+Layer check_layer(const char* op, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
+                  int64_t group_size) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, op,
+              ": qweight must be a 2-D int32 tensor [K/8, N], got ", qweight.scalar_type(), " of shape ",
+              qweight.sizes());
+  TORCH_CHECK(qzeros.dim() == 2 && qzeros.scalar_type() == at::kInt, op,
+              ": qzeros must be a 2-D int32 tensor [G, N/8], got ", qzeros.scalar_type(), " of shape ",
+              qzeros.sizes());
+  const int64_t K = qweight.size(0) * 8, N = qweight.size(1);
+  TORCH_CHECK(K > 0 && N > 0 && N % 8 == 0, op, ": N (qweight.shape[1]) must be a positive multiple of 8, got qweight ",
+              qweight.sizes());
+  TORCH_CHECK(group_size >= 8 && group_size % 8 == 0, op, ": group_size=", group_size,
+              " must be a positive multiple of 8 (pass K=", K, " for one group per column)");
+  const int64_t G = (K + group_size - 1) / group_size;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == G && scales.size(1) == N, op, ": scales ", scales.sizes(),
+              " must be [G, N] = [", G, ", ", N, "] for qweight ", qweight.sizes(), " (K=", K,
+              ") and group_size=", group_size);
+  TORCH_CHECK(qzeros.size(0) == G && qzeros.size(1) == N / 8, op, ": qzeros ", qzeros.sizes(),
+              " must be [G, N/8] = [", G, ", ", N / 8, "] for qweight ", qweight.sizes(),
+              " and group_size=", group_size);
+  TORCH_CHECK(qzeros.device() == qweight.device() && scales.device() == qweight.device(), op,
+              ": qweight, qzeros and scales must be on one device, got ", qweight.device(), ", ",
+              qzeros.device(), ", ", scales.device());
+  return {K, N, G};
+}
+
+[[noreturn]] void fail_status(const char* op, int status, const at::Device& device, const std::string& call) {
+#ifdef QUANT_CUDA_WITH_CUDA
+  if (status == kNoKernelForArch) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index());
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index());
+    TORCH_CHECK(false, op, ": ", status_message(status), " (", device, " is sm_", major, minor,
+                "); quant_cuda was built with TORCH_CUDA_ARCH_LIST=\"", kBuiltArchs,
+                "\". Rebuild it with TORCH_CUDA_ARCH_LIST=\"", major, ".", minor,
+                "\" (or a list that contains it): pip install --no-build-isolation -e .");
+  }
+#endif
+  TORCH_CHECK(false, op, ": ", status_message(status), " [status ", status, "] for ", call);
+}
+
+#ifdef QUANT_CUDA_WITH_CUDA
+void* current_stream(const at::Device& d) {
+  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(d.index()).stream());
+}
+#endif
+
+Tensor gemm_4bit(const Tensor& x_in, const Tensor& qweight_in, const Tensor& qzeros_in, const Tensor& scales_in,
+                 const std::optional<Tensor>& perm_in, int64_t group_size, const std::optional<Tensor>& bias_in) {
+  const char* op = "bluelm_quant::gemm_4bit";
+  const Layer L = check_layer(op, qweight_in, qzeros_in, scales_in, group_size);
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x_in.sizes(),
+              " (bluelm_quant.ops.gemm flattens [..., K])");
+  TORCH_CHECK(x_in.size(1) == L.K, op, ": x has K=", x_in.size(1), " (shape ", x_in.sizes(),
+              ") but qweight ", qweight_in.sizes(), " holds K=", L.K, " input features");
+  const at::Device dev = x_in.device();
+  TORCH_CHECK(qweight_in.device() == dev, op, ": x is on ", dev, " but the quantized weights are on ",
+              qweight_in.device());
+  TORCH_CHECK(device_supports(dev, x_in.scalar_type()), op, ": x on ", dev, " must be ", supported_dtypes(dev),
+              ", got ", x_in.scalar_type());
+  TORCH_CHECK(scales_in.scalar_type() == x_in.scalar_type(), op, ": scales must have x's dtype ",
+              x_in.scalar_type(), ", got ", scales_in.scalar_type());
+  if (perm_in) {
+    TORCH_CHECK(perm_in->dim() == 1 && perm_in->size(0) == L.K && perm_in->scalar_type() == at::kInt, op,
+                ": perm must be int32 [K] = [", L.K, "], got ", perm_in->scalar_type(), " of shape ",
+                perm_in->sizes());
+    TORCH_CHECK(perm_in->device() == dev, op, ": perm is on ", perm_in->device(), ", x on ", dev);
+  }
+  if (bias_in) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == L.N, op, ": bias must be [N] = [", L.N,
+                "], got shape ", bias_in->sizes());
+    TORCH_CHECK(bias_in->scalar_type() == x_in.scalar_type() && bias_in->device() == dev, op,
+                ": bias must be ", x_in.scalar_type(), " on ", dev, ", got ", bias_in->scalar_type(), " on ",
+                bias_in->device());
+  }
+
+  const int64_t M = x_in.size(0);
+  Tensor out = at::empty({M, L.N}, x_in.options());
+  if (M == 0) return out;
+  const Tensor x = x_in.contiguous(), qweight = qweight_in.contiguous(), qzeros = qzeros_in.contiguous(),
+               scales = scales_in.contiguous();
+  const Tensor perm = perm_in ? perm_in->contiguous() : Tensor();
+  const Tensor bias = bias_in ? bias_in->contiguous() : Tensor();
+  const int32_t* perm_ptr = perm.defined() ? perm.data_ptr<int32_t>() : nullptr;
+  const void* bias_ptr = bias.defined() ? bias.data_ptr() : nullptr;
+  const int dtype = kernel_dtype(x.scalar_type());
+
+  int status = kBadDType;
+  if (dev.is_cpu()) {
+    if (perm_ptr) {  // the kernel gathers x[:, perm[r]]: an out-of-range entry would read out of bounds
+      for (int64_t r = 0; r < L.K; ++r)
+        TORCH_CHECK(perm_ptr[r] >= 0 && perm_ptr[r] < L.K, op, ": perm[", r, "]=", perm_ptr[r],
+                    " is not an input row index in [0, ", L.K, ")");
+    }
+    cpu::set_cpu_threads(at::get_num_threads());
+    status = gemm_4bit_cpu(x.data_ptr(), qweight.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), scales.data_ptr(),
+                           perm_ptr, bias_ptr, out.data_ptr(), M, L.K, L.N, group_size, dtype);
+  }
+#ifdef QUANT_CUDA_WITH_CUDA
+  else if (dev.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(dev);
+    status = gemm_4bit_cuda(x.data_ptr(), qweight.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), scales.data_ptr(),
+                            perm_ptr, bias_ptr, out.data_ptr(), M, L.K, L.N, group_size, dtype, current_stream(dev));
+  }
+#endif
+  if (status != kOk)
+    fail_status(op, status, dev,
+                c10::str("x ", x.scalar_type(), x.sizes(), ", qweight ", qweight.sizes(), ", scales ", scales.sizes(),
+                         ", group_size ", group_size, " on ", dev));
+  return out;
+}
+
+Tensor dequantize_4bit(const Tensor& qweight_in, const Tensor& qzeros_in, const Tensor& scales_in, int64_t group_size,
+                       std::optional<at::ScalarType> dtype_opt) {
+  const char* op = "bluelm_quant::dequantize_4bit";
+  const Layer L = check_layer(op, qweight_in, qzeros_in, scales_in, group_size);
+  const at::Device dev = qweight_in.device();
+  const at::ScalarType dtype = dtype_opt.value_or(scales_in.scalar_type());
+  TORCH_CHECK(device_supports(dev, dtype), op, ": output dtype on ", dev, " must be ", supported_dtypes(dev), ", got ",
+              dtype);
+  const Tensor qweight = qweight_in.contiguous(), qzeros = qzeros_in.contiguous();
+  const Tensor scales = scales_in.to(dtype).contiguous();  // the kernel reads scales in the output dtype
+  Tensor out = at::empty({L.K, L.N}, scales.options());
+  int status = kBadDType;
+  if (dev.is_cpu()) {
+    cpu::set_cpu_threads(at::get_num_threads());
+    status = dequantize_4bit_cpu(qweight.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), scales.data_ptr(),
+                                 out.data_ptr(), L.K, L.N, group_size, kernel_dtype(dtype));
+  }
+#ifdef QUANT_CUDA_WITH_CUDA
+  else if (dev.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(dev);
+    status = dequantize_4bit_cuda(qweight.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), scales.data_ptr(),
+                                  out.data_ptr(), L.K, L.N, group_size, kernel_dtype(dtype), current_stream(dev));
+  }
+#endif
+  if (status != kOk)
+    fail_status(op, status, dev,
+                c10::str("qweight ", qweight.sizes(), ", scales ", scales.sizes(), ", group_size ", group_size,
+                         ", dtype ", dtype, " on ", dev));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bluelm_quant, m) {
+  m.set_python_module("bluelm_quant.ops");
+  // y[M, N] = x[M, K] @ W^T (+ bias); layout in kernels.h. perm: act-order row gather.
+  m.def("gemm_4bit(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? perm, int group_size, "
+        "Tensor? bias) -> Tensor");
+  // W^T [K, N] (rows in qweight's order) in dtype (default: scales' dtype).
+  m.def("dequantize_4bit(Tensor qweight, Tensor qzeros, Tensor scales, int group_size, ScalarType? dtype=None) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bluelm_quant, CPU, m) {
+  m.impl("gemm_4bit", &gemm_4bit);
+  m.impl("dequantize_4bit", &dequantize_4bit);
+}
+
+#ifdef QUANT_CUDA_WITH_CUDA
+TORCH_LIBRARY_IMPL(bluelm_quant, CUDA, m) {
+  m.impl("gemm_4bit", &gemm_4bit);
+  m.impl("dequantize_4bit", &dequantize_4bit);
+}
+#endif
+
+// A plain Python module (no pybind11): importing it runs the registrations above. Its
+// attributes say what was built, for bluelm_quant.ops.backend().
+extern "C" PyMODINIT_FUNC PyInit_quant_cuda(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "quant_cuda",
+                            "bluelm-quant 4-bit kernels; the ops are torch.ops.bluelm_quant.*", -1, nullptr};
+  PyObject* mod = PyModule_Create(&def);
+  if (!mod) return nullptr;
+#ifdef QUANT_CUDA_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(with_cuda)) < 0 ||
+      PyModule_AddStringConstant(mod, "cuda_archs", kBuiltArchs) < 0 ||
+      PyModule_AddStringConstant(mod, "cpu_isa", cpu::cpu_isa()) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}

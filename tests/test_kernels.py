@@ -1,0 +1,406 @@
+"""quant_cuda kernels (torch.ops.bluelm_quant) against a float64 dequantize-then-matmul oracle.
+
+Seeded random codes, zeros, scales and activations; the oracle is
+ops.gemm_reference(x.double(), ..., scales.double()), i.e. exact products summed in float64.
+
+Tolerance (`tolerance` below): the CPU kernel accumulates in fp32 and sums each group as
+sum(code * x) - zero * sum(x), terms of magnitude up to 16 * scale * |x| (codes and zeros
+lie in 0..16). A float sum of n terms is off by at most (n - 1) * eps * sum |terms|: per
+output that is at most (group_size + groups + 8) * 2^-24 * (|x| @ 16 * scale), plus one
+rounding to the output dtype (2^-24 fp32, 2^-11 fp16, 2^-8 bf16) of |y|. On 4096 x 11008
+that is ~1e-5 of sum |x||w|, below the change one wrong 4-bit code makes on average, so a
+mis-unpacked nibble or a wrong group fails. CUDA kernels may round the dequantized weight
+to fp16/bf16 before multiplying: one more eps_half * (|x| @ |w|) there.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from bluelm_quant import ops
+from bluelm_quant.nn import QuantLinear
+from bluelm_quant.packing import pack_qzeros
+
+OPS = torch.ops.bluelm_quant if hasattr(torch.ops, "bluelm_quant") else None
+CUDA = torch.cuda.is_available() and ops._ext is not None and ops._ext.with_cuda
+OUT_EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def make_layer(k, n, group_size, sym=False, act_order=False, dtype=torch.float32, seed=0, device="cpu"):
+    """Random 4-bit layer in the checkpoint layout: qweight, qzeros, scales, g_idx, group size."""
+    gen = torch.Generator().manual_seed(seed)
+    gs = k if group_size == -1 else group_size
+    groups = -(-k // gs)
+    # Uniformly random words are uniformly random codes (packing.py's tests cover packing).
+    qweight = (torch.randint(0, 2**32, (k // 8, n), generator=gen, dtype=torch.int64) - 2**31).to(torch.int32)
+    zeros = torch.full((groups, n), 8, dtype=torch.int32) if sym else torch.randint(1, 16, (groups, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).to(dtype)
+    g_idx = (torch.arange(k) // gs).to(torch.int32)
+    if act_order:  # GPTQ act-order: qweight stays in input order, g_idx is permuted
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    t = (qweight, pack_qzeros(zeros, 4), scales, g_idx)
+    return tuple(v.to(device) for v in t) + (gs,)
+
+
+def activations(m, k, dtype, seed=1, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=gen).to(dtype).to(device)
+
+
+def oracle(x, layer, bias=None, rows=1024):
+    """ops.gemm_reference in float64, over blocks of input rows (keeps 7B shapes fast)."""
+    qw, qz, s, g, _ = layer
+    x64, s64 = x.double(), s.double()
+    y = sum(
+        ops.gemm_reference(x64[:, r : r + rows], qw[r // 8 : (r + rows) // 8], qz, s64, g[r : r + rows], 4)
+        for r in range(0, qw.shape[0] * 8, rows)
+    )
+    return y if bias is None else y + bias.double()
+
+
+def tolerance(x, layer, out_dtype, ref, weight_eps=0.0):
+    qw, qz, s, g, gs = layer
+    k = qw.shape[0] * 8
+    # |x| @ (16 * scale[g_idx]): |code| and |zero| <= 16; summed per group first.
+    xg = torch.zeros(x.shape[0], s.shape[0], dtype=torch.float64, device=x.device)
+    xg.index_add_(1, g.long(), x.double().abs())
+    mag = xg @ (s.double().abs() * 16)
+    acc_terms = gs + s.shape[0] + 8
+    return acc_terms * 2.0**-24 * mag + weight_eps * mag + OUT_EPS[out_dtype] * ref.abs() + 1e-30 * k
+
+
+def assert_matches_oracle(y, x, layer, bias=None, weight_eps=0.0):
+    ref = oracle(x, layer, bias)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert torch.isfinite(y).all(), "kernel output has NaN/inf (unwritten output?)"
+    err = (y.double() - ref).abs()
+    tol = tolerance(x, layer, y.dtype, ref, weight_eps)
+    worst = (err / tol).max().item()
+    assert worst <= 1.0, f"max error {err.max().item():.3e} is {worst:.2f}x the tolerance (shape {tuple(y.shape)})"
+
+
+def prepared(layer):
+    qw, qz, s, g, _ = layer
+    kernel = ops.prepare(qw, qz, s, g, 4)
+    assert ops.GROUP_SIZE_KEY in kernel, "prepare refused a layout the kernels support"
+    return kernel
+
+
+def run_gemm(x, layer, bias=None):
+    qw, qz, s, g, _ = layer
+    return ops.gemm(x, qw, qz, s, g, 4, bias, prepared(layer))
+
+
+# --- the build --------------------------------------------------------------------------------
+
+
+def test_extension_is_built_and_used():
+    assert not ops.backend().startswith("reference"), f"quant_cuda is not built: {ops.backend()}"
+    import quant_cuda
+
+    assert quant_cuda.__file__.endswith(".so"), f"`import quant_cuda` found {quant_cuda.__file__}"
+    assert quant_cuda.cpu_isa in ("avx2+fma", "scalar")
+
+
+def test_missing_extension_is_reported(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "quant_cuda", None)  # makes `import quant_cuda` raise
+    module, why = ops._load_extension()
+    assert module is None and "quant_cuda" in why
+    monkeypatch.setattr(ops, "_ext", None)
+    monkeypatch.setattr(ops, "_ext_error", why)
+    monkeypatch.setattr(ops, "_warned", set())
+    assert ops.backend().startswith("reference (extension not built: ")
+    layer = make_layer(64, 8, 32)
+    x = activations(2, 64, torch.float32)
+    with caplog.at_level("WARNING", logger="bluelm_quant.ops"):
+        y = run_gemm(x, layer)
+    assert "not usable" in caplog.text
+    assert_matches_oracle(y, x, layer)
+
+
+# --- dequantize --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n,group_size,sym", [(576, 24, 128, False), (8, 8, -1, True), (256, 40, 32, False), (1024, 64, 64, True)])
+def test_dequantize_is_bit_exact(k, n, group_size, sym, dtype):
+    qw, qz, s, g, gs = make_layer(k, n, group_size, sym, dtype=dtype)
+    w = OPS.dequantize_4bit(qw, qz, s, gs, None)
+    assert w.dtype == dtype and w.shape == (k, n)
+    assert torch.equal(w, ops.dequantize_reference(qw, qz, s, g, 4, dtype))
+    # Output dtype differing from the scales': scales are converted first.
+    w32 = OPS.dequantize_4bit(qw, qz, s, gs, torch.float32)
+    assert torch.equal(w32, ops.dequantize_reference(qw, qz, s.float(), g, 4, torch.float32))
+
+
+# --- gemm against the oracle -------------------------------------------------------------------
+
+# (K, N, group_size, sym, act_order, bias): partial last group (576 / 128), N = 8 and 24
+# (8-column tails only), K = 8, per-channel, act-order, sym and asym.
+LAYERS = [
+    (576, 24, 128, False, False, True),
+    (8, 8, -1, True, False, False),
+    (64, 8, 32, False, True, True),
+    (256, 40, 64, True, True, False),
+    (512, 72, 128, False, False, False),
+    (384, 96, -1, False, False, True),
+]
+MS = (1, 2, 3, 7, 8, 16, 33, 128, 512)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("k,n,group_size,sym,act_order,with_bias", LAYERS)
+def test_gemm_matches_oracle(k, n, group_size, sym, act_order, with_bias, m, dtype):
+    layer = make_layer(k, n, group_size, sym, act_order, dtype=dtype, seed=k + n)
+    x = activations(m, k, dtype, seed=m)
+    bias = (torch.randn(n) * 0.1).to(dtype) if with_bias else None
+    assert_matches_oracle(run_gemm(x, layer, bias), x, layer, bias)
+
+
+@pytest.mark.parametrize("m", [256, 512])
+def test_fused_kernel_at_large_m(m):
+    """ops.gemm takes the dequantize + matmul path here; the fused op must still be right."""
+    layer = make_layer(576, 40, 128, act_order=True, seed=3)
+    kernel = prepared(layer)
+    qw, qz, s, g, gs = layer
+    x = activations(m, 576, torch.float32)
+    y = OPS.gemm_4bit(x, kernel[ops.QWEIGHT_KEY], qz, s, kernel[ops.PERM_KEY], gs, None)
+    assert_matches_oracle(y, x, layer)
+
+
+def test_gemm_7b_shape_m1():
+    layer = make_layer(4096, 11008, 128, seed=7)
+    x = activations(1, 4096, torch.float32)
+    assert_matches_oracle(run_gemm(x, layer), x, layer)
+
+
+def test_leading_dims_and_fp16_on_cpu():
+    layer = make_layer(256, 24, 64, dtype=torch.float16)
+    x = activations(6, 256, torch.float16).reshape(2, 3, 256)
+    y = run_gemm(x, layer)
+    assert y.shape == (2, 3, 24) and y.dtype == torch.float16
+    assert_matches_oracle(y.reshape(6, 24), x.reshape(6, 256), layer)
+
+
+def test_scales_in_another_dtype_than_x():
+    layer = make_layer(256, 24, 64, dtype=torch.float16)
+    x = activations(3, 256, torch.bfloat16)
+    y = run_gemm(x, layer)
+    qw, qz, s, g, gs = layer
+    assert_matches_oracle(y, x, (qw, qz, s.to(torch.bfloat16), g, gs))
+
+
+def test_quantlinear_uses_the_kernel():
+    lin = torch.nn.Linear(256, 48, bias=True)
+    from bluelm_quant.config import QuantConfig
+
+    q = QuantLinear.from_linear(lin, QuantConfig(bits=4, group_size=64), dtype=torch.float32)
+    assert ops.GROUP_SIZE_KEY in dict(q.named_buffers())
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        ref = x.double() @ q.dequantize(torch.float64).T + q.bias.double()
+        assert torch.allclose(q(x).double(), ref, rtol=1e-4, atol=1e-4)
+
+
+# --- outputs and determinism --------------------------------------------------------------------
+
+
+def test_output_needs_no_zeroing():
+    """The op allocates with torch.empty; poison freed memory of the same size first."""
+    layer = make_layer(576, 40, 128, seed=5)
+    qw, qz, s, g, gs = layer
+    x = activations(7, 576, torch.float32)
+    for _ in range(3):
+        junk = torch.full((7, 40), float("nan"))
+        del junk  # the allocator hands this block out again for the same size
+        y = OPS.gemm_4bit(x, qw, qz, s, None, gs, None)
+        assert_matches_oracle(y, x, layer)
+
+
+def test_deterministic_across_calls_and_threads():
+    layer = make_layer(1024, 264, 128, act_order=True, seed=9)
+    x = activations(5, 1024, torch.float32)
+    kernel = prepared(layer)
+    qw, qz, s, g, _ = layer
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = ops.gemm(x, qw, qz, s, g, 4, None, kernel)
+        torch.set_num_threads(2)
+        y2 = ops.gemm(x, qw, qz, s, g, 4, None, kernel)
+        y3 = ops.gemm(x, qw, qz, s, g, 4, None, kernel)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2) and torch.equal(y2, y3)
+
+
+def test_non_contiguous_inputs_are_copied():
+    layer = make_layer(256, 24, 64)
+    qw, qz, s, g, gs = layer
+    x = activations(16, 256, torch.float32).T.contiguous().T[::2]  # strided view
+    assert not x.is_contiguous()
+    y = OPS.gemm_4bit(x, qw, qz, s.T.contiguous().T, None, gs, None)
+    assert torch.equal(y, OPS.gemm_4bit(x.contiguous(), qw, qz, s, None, gs, None))
+
+
+# --- prepare (act-order) -------------------------------------------------------------------------
+
+
+def test_prepare_act_order_repacks_rows():
+    qw, qz, s, g, gs = make_layer(256, 16, 64, act_order=True)
+    kernel = ops.prepare(qw, qz, s, g, 4)
+    perm = kernel[ops.PERM_KEY].long()
+    assert kernel[ops.GROUP_SIZE_KEY].shape == (0, 64)
+    assert torch.equal(g[perm], (torch.arange(256) // 64).to(torch.int32))  # groups now contiguous runs
+    # Repacked rows are the original rows in perm order.
+    w = ops.dequantize_reference(qw, qz, s, g, 4)
+    w_perm = ops.dequantize_reference(kernel[ops.QWEIGHT_KEY], qz, s, g[perm], 4)
+    assert torch.equal(w_perm, w[perm])
+
+
+def test_prepare_without_act_order_adds_nothing_but_group_size():
+    qw, qz, s, g, _ = make_layer(576, 16, 128)
+    kernel = ops.prepare(qw, qz, s, g, 4)
+    assert set(kernel) == {ops.GROUP_SIZE_KEY} and kernel[ops.GROUP_SIZE_KEY].numel() == 0
+
+
+def test_prepare_refuses_uneven_groups_and_gemm_stays_correct():
+    qw, qz, s, g, gs = make_layer(64, 16, 32)
+    g = torch.cat([torch.zeros(24), torch.ones(40)]).to(torch.int32)  # groups of 24 and 40 rows
+    assert ops.prepare(qw, qz, s, g, 4) == {}
+    x = activations(3, 64, torch.float32)
+    y = ops.gemm(x, qw, qz, s, g, 4, None, {})
+    assert_matches_oracle(y, x, (qw, qz, s, g, 40))
+
+
+def test_prepare_other_bit_widths_use_reference():
+    from bluelm_quant.packing import pack_qweight as pq, pack_qzeros as pz
+
+    qw = pq(torch.randint(0, 256, (64, 16), dtype=torch.int32), 8)
+    qz = pz(torch.full((1, 16), 128, dtype=torch.int32), 8)
+    assert ops.prepare(qw, qz, torch.rand(1, 16), torch.zeros(64, dtype=torch.int32), 8) == {}
+
+
+# --- error paths ---------------------------------------------------------------------------------
+
+
+def test_errors_name_the_problem():
+    qw, qz, s, g, gs = make_layer(256, 24, 64)
+    x = activations(2, 256, torch.float32)
+    cases = [
+        (lambda: OPS.gemm_4bit(x.double(), qw, qz, s, None, gs, None), "float32 or bfloat16"),
+        (lambda: OPS.gemm_4bit(x[:, :248], qw, qz, s, None, gs, None), "K=248"),
+        (lambda: OPS.gemm_4bit(x, qw, qz, s.to(torch.bfloat16), None, gs, None), "scales must have x's dtype"),
+        (lambda: OPS.gemm_4bit(x, qw.long(), qz, s, None, gs, None), "qweight must be a 2-D int32"),
+        (lambda: OPS.gemm_4bit(x, qw, qz, s, None, 12, None), "group_size=12"),
+        (lambda: OPS.gemm_4bit(x, qw, qz, s, None, 128, None), "scales [4, 24] must be [G, N] = [2, 24]"),
+        (lambda: OPS.gemm_4bit(x, qw[:, :20], qz, s, None, gs, None), "multiple of 8"),
+        (lambda: OPS.gemm_4bit(x, qw, qz, s, torch.arange(8, dtype=torch.int32), gs, None), "perm must be int32 [K]"),
+        (lambda: OPS.gemm_4bit(x, qw, qz, s, torch.full((256,), 300, dtype=torch.int32), gs, None), "perm[0]=300"),
+        (lambda: OPS.gemm_4bit(x, qw, qz, s, None, gs, torch.zeros(16)), "bias must be [N] = [24]"),
+        (lambda: OPS.dequantize_4bit(qw, qz, s, gs, torch.float16), "float32 or bfloat16"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert message in str(info.value), f"expected {message!r} in: {info.value}"
+
+
+def test_gateway_errors():
+    qw, qz, s, g, gs = make_layer(256, 24, 64)
+    with pytest.raises(ops.QuantOpError, match="in_features=256"):
+        ops.gemm(torch.randn(2, 248), qw, qz, s, g, 4, None, prepared((qw, qz, s, g, gs)))
+    with pytest.raises(ops.QuantOpError, match="are on meta but"):
+        ops.gemm(torch.randn(2, 256, device="meta"), qw, qz, s, g, 4, None, {})
+
+
+def test_empty_batch():
+    qw, qz, s, g, gs = make_layer(256, 24, 64)
+    assert OPS.gemm_4bit(torch.empty(0, 256), qw, qz, s, None, gs, None).shape == (0, 24)
+
+
+# --- torch.compile / fake tensors -------------------------------------------------------------------
+
+
+def test_opcheck():
+    qw, qz, s, g, gs = make_layer(576, 24, 128, act_order=True)
+    kernel = ops.prepare(qw, qz, s, g, 4)
+    x = activations(3, 576, torch.float32)
+    bias = torch.randn(24)
+    torch.library.opcheck(OPS.gemm_4bit.default, (x, kernel[ops.QWEIGHT_KEY], qz, s, kernel[ops.PERM_KEY], gs, bias))
+    torch.library.opcheck(OPS.dequantize_4bit.default, (qw, qz, s, gs, torch.bfloat16))
+
+
+def test_compiles_without_graph_breaks():
+    layer = make_layer(256, 24, 64, act_order=True)
+    qw, qz, s, g, _ = layer
+    kernel = prepared(layer)
+
+    def f(x):
+        return ops.gemm(x, qw, qz, s, g, 4, None, kernel)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for m in (2, 5):
+        x = activations(m, 256, torch.float32, seed=m)
+        assert torch.equal(compiled(x), f(x))
+
+
+# --- CUDA (run unchanged on a GPU machine) ------------------------------------------------------------
+
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and a CUDA build of quant_cuda")
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("k,n,group_size,sym,act_order,with_bias", LAYERS)
+def test_cuda_gemm_matches_oracle(k, n, group_size, sym, act_order, with_bias, m, dtype):
+    layer = make_layer(k, n, group_size, sym, act_order, dtype=dtype, seed=k + n, device="cuda")
+    x = activations(m, k, dtype, seed=m, device="cuda")
+    bias = (torch.randn(n) * 0.1).to(dtype).cuda() if with_bias else None
+    assert_matches_oracle(run_gemm(x, layer, bias), x, layer, bias, weight_eps=OUT_EPS[dtype])
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 16, 512])
+def test_cuda_fused_kernel_and_7b_shape(m):
+    layer = make_layer(4096, 11008, 128, dtype=torch.float16, seed=7, device="cuda")
+    qw, qz, s, g, gs = layer
+    x = activations(m, 4096, torch.float16, device="cuda")
+    y = OPS.gemm_4bit(x, qw, qz, s, None, gs, None)
+    assert_matches_oracle(y, x, layer, weight_eps=OUT_EPS[torch.float16])
+    assert torch.equal(y, OPS.gemm_4bit(x, qw, qz, s, None, gs, None)), "two calls differ"
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_dequantize_matches_reference(dtype):
+    qw, qz, s, g, gs = make_layer(576, 40, 128, dtype=dtype, device="cuda")
+    w = OPS.dequantize_4bit(qw, qz, s, gs, None)
+    ref = ops.dequantize_reference(qw, qz, s, g, 4, torch.float64)
+    assert torch.allclose(w.double(), ref, rtol=OUT_EPS[dtype], atol=0)
+
+
+@cuda
+@needs_cuda
+def test_cuda_float32_activations_and_device_errors():
+    layer = make_layer(256, 24, 64, dtype=torch.float32, device="cuda")
+    x = activations(3, 256, torch.float32, device="cuda")
+    y = run_gemm(x, layer)
+    assert y.dtype == torch.float32
+    qw, qz, s, g, gs = layer
+    assert_matches_oracle(y, x, layer, weight_eps=2.0**-8)  # computed in fp16: x, scales, w and y rounded
+    with pytest.raises(RuntimeError, match="but the quantized weights are on"):
+        OPS.gemm_4bit(x.cpu(), qw, qz, s.half(), None, gs, None)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        OPS.gemm_4bit(x, qw, qz, s, None, gs, None)
