@@ -37,6 +37,7 @@ class GPTQResult:
     # weight. It telescopes to trace((W - Q) H_damped (W - Q)^T) / 2, i.e. for H = 2/n X^T X:
     # ||X W^T - X Q^T||_F^2 / n (mean squared output error per sample) plus the damping term.
     loss: float
+    row_loss: torch.Tensor  # float32 [N]: each output row's share of `loss` (rows are independent)
     damp: float  # the damp_percent finally used (larger than the config's after a retry)
     seconds: float
 
@@ -126,7 +127,7 @@ class GPTQ:
 
         codes = torch.zeros(n, k, device=self.device)
         q = torch.zeros(n, k, device=self.device)
-        loss = 0.0
+        row_loss = torch.zeros(n, device=self.device)
         for i1 in range(0, k, blocksize):
             i2 = min(i1 + blocksize, k)
             w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
@@ -155,7 +156,7 @@ class GPTQ:
                 e = (w1[:, j] - qj) / u1[j, j]
                 err1[:, j] = e
                 w1[:, j + 1 :].addr_(e, u1[j, j + 1 :], alpha=-1)
-            loss += err1.square().sum().item() / 2
+            row_loss += err1.square().sum(dim=1) / 2
             # Lazy batch update: the rest of W gets the whole block's error in one matmul.
             w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)
 
@@ -169,7 +170,8 @@ class GPTQ:
             g_idx=g_idx,
             bits=config.bits,
         )
-        return GPTQResult(quantized, q[:, invperm], loss, damp, time.perf_counter() - tick)
+        loss = float(row_loss.sum())
+        return GPTQResult(quantized, q[:, invperm], loss, row_loss, damp, time.perf_counter() - tick)
 
 
 def _upper_inverse_cholesky(h: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:

@@ -13,6 +13,7 @@ runs on `device`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,6 +39,9 @@ from .workdir import WorkDir
 log = logging.getLogger(__name__)
 
 TOKENS_PER_BATCH = 4096  # windows per forward batch = this / seqlen: big enough matmuls, small attention
+# Measured on a 2-core EPYC: solving a 576-input layer takes 0.14 s on 1 thread and 0.75 s
+# on 2; at 1536 inputs 2 threads win slightly (0.29 s vs 0.41 s).
+SOLVER_ONE_THREAD_MAX_K = 1024
 
 
 class NonFiniteActivationError(RuntimeError):
@@ -62,11 +66,22 @@ def _source_dtype(reader: ShardReader, spec: ModelSpec) -> torch.dtype:
     raise CheckpointError(f"no decoder-layer weights under {spec.layers!r} in {reader.directory}")
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run ~2.4x faster than fp32 (measured here)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def _compute_dtype(opts: RunOptions, source: torch.dtype) -> torch.dtype:
+    """Layer forward dtype. Hessians are always accumulated in fp32."""
     if opts.dtype is not None:
         return opts.dtype
     if torch.device(opts.device).type == "cpu":
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return source if source in (torch.float16, torch.bfloat16) else torch.float16
 
 
@@ -125,20 +140,52 @@ def quantize_layer(layer, hidden, kwargs, spec: ModelSpec, config: QuantConfig, 
             for h in hooks:
                 h.remove()
         for sub in spec.sequential:
-            if sub[0] not in solvers:
-                continue
-            solver = solvers[sub[0]]
-            for n in sub:
-                linear = layer.get_submodule(n)
-                result = solver.quantize(linear.weight.data, config)
-                t = gptq_tensors(result.quantized)
-                if linear.bias is not None:
-                    t["bias"] = linear.bias.detach().to("cpu", torch.float16)
-                write_back(linear, t, config.bits)
-                tensors.update({f"{n}.{k}": v.cpu() for k, v in t.items()})
-                stats[n] = {"loss": float(result.loss), "damp": float(result.damp), "seconds": float(result.seconds)}
-            solver.free()
+            if sub[0] in solvers:
+                _quantize_group(layer, sub, solvers[sub[0]], config, tensors, stats)
+                solvers[sub[0]].free()
     return tensors, stats
+
+
+def _quantize_group(layer, names, solver: GPTQ, config: QuantConfig, tensors: dict, stats: dict) -> None:
+    """GPTQ the Linears that share one Hessian as one stacked weight, then split.
+
+    GPTQ treats output rows independently given H, so stacking q/k/v (or gate/up) is
+    exact and runs the column loop once instead of once per Linear.
+    """
+    linears = [layer.get_submodule(n) for n in names]
+    weight = torch.cat([lin.weight.data for lin in linears])
+    # Small factorizations and the column loop are latency-bound: a second thread only
+    # adds synchronization (and stalls badly when another process holds the other core).
+    threads = 1 if weight.device.type == "cpu" and weight.shape[1] <= SOLVER_ONE_THREAD_MAX_K else None
+    with _torch_threads(threads):
+        result = solver.quantize(weight, config)
+    start = 0
+    for n, linear in zip(names, linears):
+        stop = start + linear.out_features
+        t = gptq_tensors(result.quantized.rows(start, stop))
+        if linear.bias is not None:
+            t["bias"] = linear.bias.detach().to("cpu", torch.float16)
+        write_back(linear, t, config.bits)
+        tensors.update({f"{n}.{k}": v.cpu() for k, v in t.items()})
+        stats[n] = {
+            "loss": float(result.row_loss[start:stop].sum()),
+            "damp": float(result.damp),
+            "seconds": float(result.seconds) * (stop - start) / weight.shape[0],
+        }
+        start = stop
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _windows_digest(windows: torch.Tensor) -> str:

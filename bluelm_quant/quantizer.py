@@ -31,6 +31,13 @@ class QuantizedWeight:
     g_idx: torch.Tensor  # int32 [K], the group of each input column
     bits: int
 
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """Output channels [start, stop): one Linear's share of a stacked weight."""
+        return QuantizedWeight(
+            self.codes[start:stop].clone(), self.scales[:, start:stop].clone(),
+            self.zeros[:, start:stop].clone(), self.g_idx.clone(), self.bits,
+        )
+
     def dequantize(self) -> torch.Tensor:
         """float32 W [N, K]."""
         g = self.g_idx.long()

@@ -231,3 +231,19 @@ def test_hopeless_hessian_raises():
     g.H, g.nsamples = indefinite_hessian(64, -1.5), 1
     with pytest.raises(GPTQError, match="not positive definite"):
         g.quantize(weight(k=64), QuantConfig())
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_stacked_linears_sharing_a_hessian_match_separate_runs(data, desc_act):
+    """The pipeline quantizes q/k/v (and gate/up) as one stacked weight; rows are independent."""
+    _, w, s = data
+    cfg = QuantConfig(group_size=32, sym=False, desc_act=desc_act)
+    a, b = w[:40], w[40:]
+    stacked = s.quantize(torch.cat([a, b]), cfg)
+    for part, (start, stop) in ((a, (0, 40)), (b, (40, w.shape[0]))):
+        alone = s.quantize(part, cfg)
+        got = stacked.quantized.rows(start, stop)
+        assert torch.equal(got.codes, alone.quantized.codes)
+        assert torch.equal(got.scales, alone.quantized.scales)
+        assert torch.equal(got.g_idx, alone.quantized.g_idx)
+        assert float(stacked.row_loss[start:stop].sum()) == pytest.approx(alone.loss, rel=1e-4)

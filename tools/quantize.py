@@ -47,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="record layout of .jsonl/.json files (default: detected from the first record)")
     p.add_argument("--calib-chat", choices=["bluelm", "template"], help="format prompt/response records as a chat: BlueLM's format or the tokenizer's chat template")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where each layer runs: cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="layer compute dtype (default: float32 on CPU, the model's 16-bit dtype on GPU)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                   help="layer forward dtype during calibration (default: the model's 16-bit dtype on GPU; on CPU bfloat16 "
+                        "when the CPU has native bf16 (AVX512-BF16/AMX), else float32). Hessians are always fp32")
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer (same settings required)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory or partial run")
