@@ -135,6 +135,10 @@ def _generation_kwargs(model, tokenizer, generation: dict) -> dict:
     kwargs["eos_token_id"] = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else kwargs["eos_token_id"][0]
     kwargs.setdefault("pad_token_id", pad)
+    rows = model.config.vocab_size  # load paths size it from the checkpoint's embedding
+    if rows > len(tokenizer):
+        # Rows past the tokenizer (BlueLM pads 100002 tokens to 100008) cannot be decoded.
+        kwargs.setdefault("suppress_tokens", list(range(len(tokenizer), rows)))
     return kwargs
 
 

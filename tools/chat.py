@@ -3,14 +3,14 @@
     python tools/chat.py --model DIR [--device cuda] [--dtype bfloat16] [--do-sample] ...
 
 DIR is a full-precision Hugging Face directory, or a 4-bit one written by bluelm-quant / GPTQ
-tools (detected by quantize_config.json or config.json's quantization_config). Commands at the
+tools (quantize_config.json or config.json's quantization_config), or the legacy BlueLM-7B-Chat-4bits layout
+(detected by its *.qweight tensors). Commands at the
 prompt: /reset clears the conversation, /exit (or end of input) quits. Replies stream token by
 token; notices (dropped turns, errors) go to stderr.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -19,30 +19,12 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def is_quantized_dir(path: str) -> bool:
-    if os.path.isfile(os.path.join(path, "quantize_config.json")):
-        return True
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        return False
-    with open(config_file, encoding="utf-8") as f:
-        return bool(json.load(f).get("quantization_config"))
-
-
 def load(path: str, device: str, dtype: torch.dtype | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import bluelm_quant.models.bluelm  # noqa: F401  (registers BlueLM with the Auto classes)
+    from bluelm_quant.hf import load_model_and_tokenizer  # lazy: keeps --help fast
 
     if not os.path.isdir(path):
         raise SystemExit(f"--model {path!r} is not a directory")
-    if is_quantized_dir(path):
-        from bluelm_quant.checkpoint import load_quantized  # lazy: only 4-bit directories need it
-
-        model = load_quantized(path, device=device, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return load_model_and_tokenizer(path, device=device, dtype=dtype)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

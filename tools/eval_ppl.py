@@ -11,7 +11,6 @@ AutoModelForCausalLM.from_pretrained. See bluelm_quant/evaluate.py for the defin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,24 +20,16 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def is_quantized_dir(path: Path) -> bool:
-    if (path / "quantize_config.json").is_file():
-        return True
-    config = path / "config.json"
-    return config.is_file() and "quantization_config" in json.loads(config.read_text())
-
-
 def load(model_dir: Path, device: str, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if trust_remote_code:  # a model family bluelm-quant does not implement itself
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if is_quantized_dir(model_dir):
-        from bluelm_quant.checkpoint import load_quantized  # lazy: only 4-bit dirs need it
-        model = load_quantized(model_dir, device=device, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
-    return model, tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=True).to(device)
+        return model.eval(), tokenizer
+    from bluelm_quant.hf import load_model_and_tokenizer  # lazy: keeps --help fast
+
+    return load_model_and_tokenizer(str(model_dir), device=device, dtype=dtype)
 
 
 def main(argv=None) -> int:

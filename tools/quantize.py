@@ -112,15 +112,13 @@ def _calib_sources(args):
 
 def _evaluate(args) -> None:
     """Perplexity before/after on bundled held-out text, and a short 4-bit chat."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from bluelm_quant.checkpoint import load_quantized
     from bluelm_quant.data import heldout_text
     from bluelm_quant.evaluate import perplexity
+    from bluelm_quant.hf import load_model_and_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    fp = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
-    q = load_quantized(args.out, device=args.device, dtype=torch.float32 if args.device == "cpu" else torch.float16)
+    dtype = torch.float32 if args.device == "cpu" else torch.float16
+    fp, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=dtype)
+    q, _ = load_model_and_tokenizer(args.out, device=args.device, dtype=dtype)
     print(f"\nPerplexity on bundled held-out text ({args.eval_windows} windows x {args.seqlen} tokens per language):")
     print(f"{'text':<8}{'full precision':>16}{'4-bit':>10}")
     for lang in ("en", "zh"):

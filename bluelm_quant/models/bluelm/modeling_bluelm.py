@@ -184,13 +184,21 @@ class BlueLMPreTrainedModel(PreTrainedModel):
 
         Published configs say 100096 while some checkpoints hold 100008 rows (BLUELM.md section 1);
         a shape mismatch would otherwise abort the load. Only local directories are inspected.
+        4-bit directories that transformers cannot recognize as such are refused, or loaded through
+        bluelm_quant.hf when it is enabled (see `routing_quantization_config`).
         """
+        from ...hf import routing_quantization_config  # lazy: bluelm_quant.hf imports this package
+
         model_dir = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         rows = bluelm_vocab_rows_from_checkpoint(model_dir)
-        if rows is not None and config is None:
+        # A 4-bit directory whose config.json names no quantization_config (AutoGPTQ's
+        # quantize_config.json, the legacy BlueLM-7B-Chat-4bits): an error unless
+        # bluelm_quant.hf.enable() is on, then the config that routes the load to it.
+        routing = routing_quantization_config(model_dir) if os.path.isdir(model_dir) else None
+        if (rows is not None or routing is not None) and config is None:
             with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
                 stated = json.load(f).get("vocab_size")
-            if stated != rows:
+            if stated != rows or routing is not None:
                 # Config overrides passed as keywords (e.g. max_position_embeddings=...) belong to
                 # the config we now build ourselves; dtype stays a loading option.
                 fields = {f.name for f in dataclasses.fields(BlueLMConfig)} - {"dtype"}
@@ -201,6 +209,9 @@ class BlueLMPreTrainedModel(PreTrainedModel):
                         config.vocab_size, rows, rows)
             config = copy.deepcopy(config)
             config.vocab_size = rows
+        if routing is not None:
+            config = copy.deepcopy(config)
+            config.quantization_config = routing
         return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
 
