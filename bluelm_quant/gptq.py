@@ -55,17 +55,25 @@ class GPTQ:
             raise GPTQError("add_batch after free(): this solver's Hessian was released")
         if x.shape[-1] != self.in_features:
             raise GPTQError(f"activations have {x.shape[-1]} features, the layer has {self.in_features}")
-        x = x.detach().reshape(-1, self.in_features).to(self.device, torch.float32)
+        x = x.detach().reshape(-1, self.in_features).to(self.device)
         m = x.shape[0]
         if m == 0:
             return
         if not torch.isfinite(x).all():
             raise GPTQError("activations contain NaN/Inf; the layer's inputs are broken upstream")
         # Running mean: H_n = 2/n sum x^T x, so rescale the old sum by old_n/new_n and add
-        # the new rows with weight 2/new_n; fp32 throughout.
+        # the new rows with weight 2/new_n, into an fp32 H.
         total = self.nsamples + m
         self.H.mul_(self.nsamples / total)
-        self.H.addmm_(x.T, x, alpha=2.0 / total)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # x^T x as a bf16 matmul (fp32 accumulation inside, rounded once per batch) is
+            # 2.3x faster on CPUs with native bf16. Measured on a 576-input layer with outlier
+            # channels: H differs by 7e-4 relative and GPTQ's output error by 1e-4 relative.
+            # bf16 keeps fp32's range, so no overflow (fp16 inputs take the fp32 path).
+            self.H.add_((x.T @ x).float(), alpha=2.0 / total)
+        else:
+            x = x.float()
+            self.H.addmm_(x.T, x, alpha=2.0 / total)
         self.nsamples = total
 
     def free(self) -> None:

@@ -29,7 +29,7 @@ from . import ops
 from .capture import StopForward, capture_first_layer_inputs, run_layer
 from .checkpoint import DEFAULT_MAX_SHARD, assign_tensor, build_skeleton, copy_model_files, write_configs, write_shards
 from .config import QuantConfig
-from .gptq import GPTQ
+from .gptq import GPTQ, GPTQError
 from .models import ModelSpec, spec_for
 from .packing import gptq_tensors
 from .report import write_report
@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 TOKENS_PER_BATCH = 4096  # windows per forward batch = this / seqlen: big enough matmuls, small attention
 # Measured on a 2-core EPYC: solving a 576-input layer takes 0.14 s on 1 thread and 0.75 s
-# on 2; at 1536 inputs 2 threads win slightly (0.29 s vs 0.41 s).
-SOLVER_ONE_THREAD_MAX_K = 1024
+# on 2; at 1536 inputs 2 threads win slightly when the machine is idle (0.29 s vs 0.41 s)
+# but lose 4-15x as soon as another process holds a core. One thread up to this K; the
+# K^3 factorizations of 7B layers (K = 11008) need both cores.
+SOLVER_ONE_THREAD_MAX_K = 4096
 
 
 class NonFiniteActivationError(RuntimeError):
@@ -126,10 +128,10 @@ def quantize_layer(layer, hidden, kwargs, spec: ModelSpec, config: QuantConfig, 
         hooks = []
         for n in firsts:
             def collect(_module, inputs, n=n):
-                x = inputs[0]
-                if not torch.isfinite(x).all():
-                    raise NonFiniteActivationError(f"{name}.{n}: input activations contain NaN/Inf")
-                solvers[n].add_batch(x)
+                try:
+                    solvers[n].add_batch(inputs[0])
+                except GPTQError as e:  # e.g. NaN/Inf activations: say which layer
+                    raise NonFiniteActivationError(f"{name}.{n}: {e}") from None
                 if config.true_sequential:
                     raise StopForward  # the rest of the layer is not needed for this group
 
