@@ -129,3 +129,22 @@ def make_tiny_bluelm_dir(out_dir: str, sp_model: str | None = None, seed: int = 
     add_remote_auto_map(out_dir)
     write_tokenizer_dir(out_dir, chat_ids_start=SP_VOCAB, sp_model=sp_model)
     return out_dir
+
+
+def reference_greedy(model, prompt_ids, stop_ids, max_new_tokens, repetition_penalty=1.1):
+    """Greedy decoding written out by hand: a full forward pass over the whole sequence for every
+    token (no KV cache at all), repetition penalty as in the CTRL paper."""
+    ids = list(prompt_ids)
+    new = []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+        seen = torch.tensor(sorted(set(ids)))
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
+        token = int(logits.argmax())
+        if token in stop_ids:
+            break
+        ids.append(token)
+        new.append(token)
+    return new

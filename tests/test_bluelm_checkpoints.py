@@ -42,13 +42,7 @@ NTKMIXED = {"type": "ntkmixed", "factor": 16.0, "power": 0.3}
 GROUP = 32  # in_features are 64 and 128: 2 and 4 groups
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CI machine is shared: with tiny matrices, extra threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- writing the published layouts ------------------------------------------------------

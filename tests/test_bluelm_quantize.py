@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bluelm_fixtures import SP_VOCAB, make_tiny_bluelm_dir, tiny_config
+from bluelm_fixtures import SP_VOCAB, make_tiny_bluelm_dir, reference_greedy, tiny_config
 from bluelm_quant.chat import ChatError, chat, encode_prompt
 from bluelm_quant.checkpoint import load_quantized
 from bluelm_quant.hf import load_model_and_tokenizer
@@ -24,13 +24,7 @@ GREEDY = dict(do_sample=False, max_new_tokens=8)
 ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CI machine is shared: with tiny matrices, extra threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -97,23 +91,6 @@ def test_quantized_bluelm_is_close_to_full_precision(dirs):
     with torch.no_grad():
         a, b = fp(ids).logits, q(ids).logits
     assert (a - b).abs().max() < 0.05 * a.abs().max()
-
-
-def reference_greedy(model, prompt_ids, stop_ids, max_new_tokens, repetition_penalty=1.1):
-    """Greedy decoding with a full forward pass per token (no KV cache), CTRL repetition penalty."""
-    ids, new = list(prompt_ids), []
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
-        seen = torch.tensor(sorted(set(ids)))
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
-        token = int(logits.argmax())
-        if token in stop_ids:
-            break
-        ids.append(token)
-        new.append(token)
-    return new
 
 
 def test_two_turn_chat_with_the_4bit_model(dirs):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsProcessor
 
-from bluelm_fixtures import SP_VOCAB, make_tiny_bluelm_dir
+from bluelm_fixtures import SP_VOCAB, make_tiny_bluelm_dir, reference_greedy
 from bluelm_quant.chat import ChatError, bluelm_prompt, chat, encode_prompt, prepare_prompt, stream_chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,25 +24,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_and_tokenizer(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
-
-
-def reference_greedy(model, prompt_ids, stop_ids, max_new_tokens, repetition_penalty):
-    """Greedy decoding written out by hand: a full forward pass over the whole sequence for every
-    token (no KV cache at all), repetition penalty as in the CTRL paper."""
-    ids = list(prompt_ids)
-    new = []
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
-        seen = torch.tensor(sorted(set(ids)))
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty)
-        token = int(logits.argmax())
-        if token in stop_ids:
-            break
-        ids.append(token)
-        new.append(token)
-    return new
 
 
 def test_second_turn_prompt_is_the_documented_format(model_and_tokenizer):

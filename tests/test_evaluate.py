@@ -12,14 +12,7 @@ from tiny_models import byte_tokenizer
 TEXT = ("The quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。 " * 8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: thread start-up dominates, and on a loaded 2-core machine two
-    # threads make each forward ~30x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +127,7 @@ def load_tool(name):
     return module
 
 
-def test_eval_ppl_tool_full_precision_and_quantized_dispatch(model, tok, tmp_path, capsys,
-                                                             monkeypatch):
-    import json
-
-    import bluelm_quant.checkpoint as checkpoint
-
+def test_eval_ppl_tool_full_precision_and_quantized(model, tok, tmp_path, capsys):
     tool = load_tool("eval_ppl")
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
@@ -151,14 +139,17 @@ def test_eval_ppl_tool_full_precision_and_quantized_dispatch(model, tok, tmp_pat
     assert tool.main(args) == 0
     assert capsys.readouterr().out.strip() == f"perplexity {expected:.4f}"
 
-    assert not tool.is_quantized_dir(tmp_path / "m")
-    (tmp_path / "m" / "quantize_config.json").write_text(json.dumps({"bits": 4}))
-    assert tool.is_quantized_dir(tmp_path / "m")
-    calls = []
+    # A 4-bit directory is loaded through load_quantized and scores like the in-memory model.
+    import copy
 
-    def fake_load_quantized(path, device, dtype):
-        calls.append((str(path), device, dtype))
-        return model
-    monkeypatch.setattr(checkpoint, "load_quantized", fake_load_quantized)
-    assert tool.main(args + ["--dtype", "bfloat16"]) == 0
-    assert calls == [(str(tmp_path / "m"), "cpu", torch.bfloat16)]
+    from bluelm_quant.checkpoint import save_quantized
+    from bluelm_quant.config import QuantConfig
+    from bluelm_quant.nn import replace_linear
+
+    quantized = copy.deepcopy(model)
+    config = QuantConfig(bits=4, group_size=32)
+    replace_linear(quantized, config, quantize=True)
+    save_quantized(quantized, str(tmp_path / "q"), config, tokenizer=tok)
+    expected = perplexity(quantized, tok, TEXT, seqlen=24, progress=False)
+    assert tool.main(["--model", str(tmp_path / "q")] + args[2:]) == 0
+    assert capsys.readouterr().out.strip() == f"perplexity {expected:.4f}"

@@ -36,14 +36,7 @@ def output_error(x, w, q):
     return torch.linalg.matrix_norm(x.double() @ (w - q).double().T).item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small serial linear algebra: 2 threads can be many times slower on the shared 2-core
-    machine (BUILD.md), so this module runs on 1 and restores the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

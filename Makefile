@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:
+#   make quantize   builds .venv and runs `python tools/quantize.py` (the built-in demo)
+#   make test       builds .venv and runs the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CUDA_VENV := .venv-cuda
+KERNEL_SOURCES := $(wildcard quant_cuda/*.cpp quant_cuda/*.h quant_cuda/*.cu quant_cuda/*.cuh quant_cuda/*.py)
+
+.PHONY: quantize test test-fast cuda-check clean
+
+# The venv, the pinned dependencies and the in-place build of the quant_cuda extension
+# (CPU kernels with the CPU torch); rebuilt when a kernel source changes.
+$(VENV)/.installed: requirements.txt setup.py $(KERNEL_SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-build-isolation -e .
+	$(PY) -c "import bluelm_quant.ops as o; print('quant_cuda backend:', o.backend())"
+	touch $@
+
+quantize: $(VENV)/.installed
+	$(PY) tools/quantize.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow"
+
+# Compile the CUDA kernels for 5 architectures with the CUDA build of torch (no GPU needed).
+cuda-check:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install --quiet torch==2.14.1 numpy==2.4.6 ninja==1.13.2 pybind11==3.1.0 setuptools wheel
+	bash tools/check_cuda_build.sh $(CUDA_VENV)/bin/python
+
+clean:
+	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info quant_cuda*.so
