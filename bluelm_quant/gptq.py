@@ -31,7 +31,6 @@ class GPTQError(RuntimeError):
 @dataclass
 class GPTQResult:
     quantized: QuantizedWeight  # codes [N, K] in the original column order
-    dequantized: torch.Tensor  # float32 [N, K]: exactly quantized.dequantize(), to write back
     # The GPTQ objective as the reference prints it: sum over weights of (w - q)^2 / d^2 / 2,
     # d = U[i, i] with U the upper Cholesky factor of the damped H^-1 and w the error-updated
     # weight. It telescopes to trace((W - Q) H_damped (W - Q)^T) / 2, i.e. for H = 2/n X^T X:
@@ -40,6 +39,11 @@ class GPTQResult:
     row_loss: torch.Tensor  # float32 [N]: each output row's share of `loss` (rows are independent)
     damp: float  # the damp_percent finally used (larger than the config's after a retry)
     seconds: float
+
+    @property
+    def dequantized(self) -> torch.Tensor:
+        """float32 W [N, K] as quantized (computed on demand: a 7B MLP's is 360 MB)."""
+        return self.quantized.dequantize()
 
 
 class GPTQ:
@@ -133,8 +137,8 @@ class GPTQ:
         u, damp = _upper_inverse_cholesky(h, config.damp_percent)
         del h
 
-        codes = torch.zeros(n, k, device=self.device)
-        q = torch.zeros(n, k, device=self.device)
+        # Codes fit a byte (bits <= 8); a float [N, K] per result would cost 4x the memory.
+        codes = torch.zeros(n, k, dtype=torch.uint8, device=self.device)
         row_loss = torch.zeros(n, device=self.device)
         for i1 in range(0, k, blocksize):
             i2 = min(i1 + blocksize, k)
@@ -155,7 +159,7 @@ class GPTQ:
                 s, z = scales[col_group[i]], zeros[col_group[i]]
                 c = quantize(w1[:, j], s, z, maxq)
                 qj = dequantize(c, s, z)
-                codes[:, i], q[:, i] = c, qj
+                codes[:, i] = c.to(torch.uint8)
                 # OBS via U (upper, U^T U = H^-1): for the still-free columns F = i.., the
                 # inverse of H's trailing block is U[F, F]^T U[F, F], whose row i is
                 # U[i, i] * U[i, F] and diagonal entry U[i, i]^2. So the OBS update
@@ -179,7 +183,7 @@ class GPTQ:
             bits=config.bits,
         )
         loss = float(row_loss.sum())
-        return GPTQResult(quantized, q[:, invperm], loss, row_loss, damp, time.perf_counter() - tick)
+        return GPTQResult(quantized, loss, row_loss, damp, time.perf_counter() - tick)
 
 
 def _upper_inverse_cholesky(h: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:

@@ -41,9 +41,10 @@ log = logging.getLogger(__name__)
 TOKENS_PER_BATCH = 4096  # windows per forward batch = this / seqlen: big enough matmuls, small attention
 # Measured on a 2-core EPYC: solving a 576-input layer takes 0.14 s on 1 thread and 0.75 s
 # on 2; at 1536 inputs 2 threads win slightly when the machine is idle (0.29 s vs 0.41 s)
-# but lose 4-15x as soon as another process holds a core. One thread up to this K; the
-# K^3 factorizations of 7B layers (K = 11008) need both cores.
-SOLVER_ONE_THREAD_MAX_K = 4096
+# but lose 4-15x as soon as another process holds a core. One thread up to this K; 7B
+# layers (K = 4096, 11008) are dominated by large matmuls and factorizations that need
+# both cores.
+SOLVER_ONE_THREAD_MAX_K = 2048
 
 
 class NonFiniteActivationError(RuntimeError):
