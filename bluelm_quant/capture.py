@@ -37,29 +37,36 @@ def layer_output(out) -> torch.Tensor:
 def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, device, dtype, batch_size: int):
     """-> (hidden [n, seqlen, hidden] on CPU in `dtype`, kwargs for the layer on `device`).
 
-    All windows share one length, so the keyword arguments (positions, causal mask)
-    of the first batch serve every batch; they are captured at batch size 1 and
-    broadcast over the batch.
+    All windows share one length, so one set of keyword arguments (positions, causal
+    mask) serves every batch. They are captured from a single window, so that their
+    batch dimension is 1 and broadcasts over batches of any size (a smaller last one).
     """
     first = layers[0]
     recorder = _Recorder()
     layers[0] = recorder
-    hidden, kwargs = [], None
+
+    def run(ids):
+        recorder.hidden = None
+        try:
+            model(input_ids=ids.to(device), use_cache=False)
+        except StopForward:
+            pass
+        if recorder.hidden is None:
+            raise RuntimeError("the model never called its first decoder layer; is the model-family spec right?")
+        return recorder.hidden
+
     try:
+        run(windows[:1])
+        kwargs = {k: v for k, v in recorder.kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        hidden = None
         for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start : start + batch_size].to(device)
-            try:
-                model(input_ids=ids, use_cache=False)
-            except StopForward:
-                pass
-            if recorder.hidden is None:
-                raise RuntimeError("the model never called its first decoder layer; is the model-family spec right?")
-            hidden.append(recorder.hidden.to("cpu", dtype))
-            if kwargs is None:
-                kwargs = {k: v for k, v in recorder.kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+            h = run(windows[start : start + batch_size])
+            if hidden is None:  # preallocated: no second copy of all activations
+                hidden = torch.empty(windows.shape[0], *h.shape[1:], dtype=dtype)
+            hidden[start : start + h.shape[0]] = h.to("cpu", dtype)
     finally:
         layers[0] = first
-    return torch.cat(hidden), kwargs
+    return hidden, kwargs
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -28,10 +29,10 @@ from tqdm.auto import tqdm
 from . import ops
 from .capture import StopForward, capture_first_layer_inputs, run_layer
 from .checkpoint import DEFAULT_MAX_SHARD, assign_tensor, build_skeleton, copy_model_files, write_configs, write_shards
-from .config import QuantConfig
+from .config import QuantConfig, QuantConfigError
 from .gptq import GPTQ, GPTQError
-from .models import ModelSpec, spec_for
-from .packing import gptq_tensors
+from .models import ModelSpec, UnsupportedModelError, spec_for
+from .packing import gptq_tensors, pack_multiple
 from .report import write_report
 from .shards import CheckpointError, ShardReader
 from .workdir import WorkDir
@@ -54,7 +55,7 @@ class NonFiniteActivationError(RuntimeError):
 @dataclass
 class RunOptions:
     device: str = "cpu"
-    dtype: torch.dtype | None = None  # layer compute dtype; None: fp32 on CPU, source dtype on GPU
+    dtype: torch.dtype | None = None  # layer forward dtype; None: see _compute_dtype
     resume: bool = False
     overwrite: bool = False
     max_shard_size: int = DEFAULT_MAX_SHARD
@@ -102,7 +103,10 @@ def load_module(module: nn.Module, prefix: str, reader: ShardReader, device, dty
         want = tuple(module.get_parameter(name).shape if name in dict(module.named_parameters()) else module.get_buffer(name).shape)
         if tuple(t.shape) != want:
             raise CheckpointError(f"tensor {key} has shape {list(t.shape)}, the model expects {list(want)}")
-        assign_tensor(module, name, t.to(device, dtype if t.is_floating_point() else t.dtype))
+        # copy=True: a same-dtype .to() would alias the shard's memory map, and writing the
+        # quantized weight back would turn those pages into private memory that outlives
+        # the layer (13 GB by the last layer of a 7B model).
+        assign_tensor(module, name, t.to(device, dtype if t.is_floating_point() else t.dtype, copy=True))
 
 
 def write_back(linear: nn.Linear, tensors: dict[str, torch.Tensor], bits: int) -> None:
@@ -144,12 +148,12 @@ def quantize_layer(layer, hidden, kwargs, spec: ModelSpec, config: QuantConfig, 
                 h.remove()
         for sub in spec.sequential:
             if sub[0] in solvers:
-                _quantize_group(layer, sub, solvers[sub[0]], config, tensors, stats)
+                _quantize_group(layer, name, sub, solvers[sub[0]], config, tensors, stats)
                 solvers[sub[0]].free()
     return tensors, stats
 
 
-def _quantize_group(layer, names, solver: GPTQ, config: QuantConfig, tensors: dict, stats: dict) -> None:
+def _quantize_group(layer, layer_name: str, names, solver: GPTQ, config: QuantConfig, tensors: dict, stats: dict) -> None:
     """GPTQ the Linears that share one Hessian as one stacked weight, then split.
 
     GPTQ treats output rows independently given H, so stacking q/k/v (or gate/up) is
@@ -161,7 +165,10 @@ def _quantize_group(layer, names, solver: GPTQ, config: QuantConfig, tensors: di
     # adds synchronization (and stalls badly when another process holds the other core).
     threads = 1 if weight.device.type == "cpu" and weight.shape[1] <= SOLVER_ONE_THREAD_MAX_K else None
     with _torch_threads(threads):
-        result = solver.quantize(weight, config)
+        try:
+            result = solver.quantize(weight, config)
+        except GPTQError as e:
+            raise GPTQError(f"{layer_name}.{'/'.join(names)}: {e}") from None
     start = 0
     for n, linear in zip(names, linears):
         stop = start + linear.out_features
@@ -191,18 +198,55 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
+def preflight(model_dir: str) -> tuple[ShardReader, ModelSpec]:
+    """The checks that need no model: a config, a known family, weights."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{model_dir} has no config.json; --model must be a Hugging Face model directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    spec = spec_for(SimpleNamespace(model_type=raw.get("model_type"), architectures=raw.get("architectures")))
+    return ShardReader(model_dir), spec
+
+
+def check_spec(model, spec: ModelSpec, config: QuantConfig) -> None:
+    """Every Linear the spec names exists in each layer and packs at this bit width."""
+    layers = model.get_submodule(spec.layers)
+    for i, layer in enumerate(layers):
+        for n in (n for g in spec.sequential for n in g):
+            try:
+                linear = layer.get_submodule(n)
+            except AttributeError:
+                raise UnsupportedModelError(
+                    f"{spec.layers}.{i} has no module {n!r}: the {spec.name!r} model-family spec does not fit "
+                    f"this {type(model).__name__}; add a ModelSpec for it in bluelm_quant/models/__init__.py"
+                ) from None
+            multiple = pack_multiple(config.bits)
+            if linear.in_features % multiple or linear.out_features % multiple:
+                raise QuantConfigError(
+                    f"{spec.layers}.{i}.{n} is [{linear.out_features}, {linear.in_features}]: {config.bits}-bit "
+                    f"packing needs both dimensions to be multiples of {multiple}"
+                )
+
+
 def _windows_digest(windows: torch.Tensor) -> str:
     return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
 def quantize_model(model_dir: str, out_dir: str, config: QuantConfig, windows: torch.Tensor, opts: RunOptions) -> dict:
     """Quantize the full-precision model in `model_dir` into a GPTQ checkpoint at `out_dir`."""
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise CheckpointError(f"{model_dir} has no config.json; --model must be a Hugging Face model directory")
-    reader = ShardReader(model_dir)
+    if config.checkpoint_format != "gptq" or config.lm_head:
+        raise QuantConfigError(
+            "bluelm-quant writes checkpoint_format='gptq' (v1 zeros) with an unquantized lm_head, what "
+            f"AutoGPTQ, GPTQModel and vLLM read; got checkpoint_format={config.checkpoint_format!r}, lm_head={config.lm_head}"
+        )
+    reader, spec = preflight(model_dir)
     device = torch.device(opts.device)
     model = build_skeleton(model_dir, torch.float32, reader)
-    spec = spec_for(model.config)
+    check_spec(model, spec, config)
     vocab = model.get_input_embeddings().num_embeddings
     if windows.numel() and (int(windows.min()) < 0 or int(windows.max()) >= vocab):
         raise ValueError(
@@ -231,8 +275,8 @@ def quantize_model(model_dir: str, out_dir: str, config: QuantConfig, windows: t
     if done < len(layers):
         per_layer = _run_layers(model, layers, spec, reader, config, windows, work, done, device, dtype, batch, opts)
     else:
-        per_layer = [work.load_layer(i)[1] for i in range(len(layers))]
-    _assemble(model, layers, spec, reader, config, work, opts, source_dtype)
+        per_layer = [work.load_stats(i) for i in range(len(layers))]
+    _assemble(model, layers, spec, reader, config, work, opts)
     report = write_report(work.final_dir, per_layer, settings)
     work.finish()
     return report
@@ -287,11 +331,11 @@ def _sizes(layer, tensors, spec) -> dict:
     return {"bytes_fp16": before, "bytes_quantized": after}
 
 
-def _assemble(model, layers, spec, reader, config, work, opts, source_dtype) -> None:
+def _assemble(model, layers, spec, reader, config, work, opts) -> None:
     """Stream source tensors and packed layers into the final checkpoint directory."""
     os.makedirs(work.final_dir)
     quantized = {f"{spec.layers}.{i}.{n}" for i in range(len(layers)) for g in spec.sequential for n in g}
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
     handles = {}
 
     def items():
@@ -301,7 +345,10 @@ def _assemble(model, layers, spec, reader, config, work, opts, source_dtype) -> 
                 if not key.endswith(".weight"):
                     continue  # a bias travels with the packed tensors
                 i = int(module[len(spec.layers) + 1 :].split(".")[0])
-                h = handles.setdefault(i, work.layer_tensor_handle(i))
+                if i not in handles:
+                    handles.clear()  # layers come in order: the previous file is done
+                    handles[i] = work.layer_tensor_handle(i)
+                h = handles[i]
                 local = module[len(f"{spec.layers}.{i}.") :]
                 for k in sorted(h.keys()):
                     if k.rsplit(".", 1)[0] == local:
@@ -338,8 +385,7 @@ def quantize(
     from . import models  # noqa: F401  (BlueLM's tokenizer registration)
     from .data import calibration_windows
 
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise CheckpointError(f"{model_dir} has no config.json; --model must be a Hugging Face model directory")
+    preflight(model_dir)  # a wrong directory fails here, not after tokenizing
     opts = opts or RunOptions()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = calibration_windows(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)

@@ -92,7 +92,7 @@ def _grid(xmin, xmax, maxq, sym, scale_dtype):
 def _mse_params(w, xmin, xmax, bits, sym, scale_dtype):
     """Shrink the range while it lowers sum |w - Q(w)|^2.4 (GPTQ's clipping search)."""
     maxq = 2**bits - 1
-    best = torch.full((w.shape[0],), float("inf"))
+    best = torch.full((w.shape[0],), float("inf"), device=w.device)
     best_scale, best_zero = _grid(xmin, xmax, maxq, sym, scale_dtype)
     for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
         p = 1 - i / MSE_GRID

@@ -10,6 +10,7 @@ assembled in `<out>.partial/final/` and renamed to `<out>` as the last step.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -17,7 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import fsync_dir, write_json
+from .atomic import fsync_dir, fsync_tree, write_json
+
+log = logging.getLogger(__name__)
 
 
 class ResumeError(ValueError):
@@ -44,6 +47,8 @@ class WorkDir:
                     f"a partial run exists at {self.path}; pass --resume to continue it or --overwrite to start over"
                 )
             shutil.rmtree(self.path)
+        if resume and not self.exists():
+            log.info("--resume: no partial run at %s, starting from the first layer", self.path)
         if resume and self.exists():
             self._check_settings(settings)
         else:
@@ -90,14 +95,30 @@ class WorkDir:
             stats = json.loads(f.metadata()["stats"])
         return tensors, stats
 
+    def load_stats(self, index: int) -> dict:
+        """A finished layer's stats, from the file's header alone."""
+        with safe_open(self.layer_path(index), framework="pt") as f:
+            return json.loads(f.metadata()["stats"])
+
     def layer_tensor_handle(self, index: int):
         """A lazily-read handle (memory-mapped) for streaming into the final checkpoint."""
         return safe_open(self.layer_path(index), framework="pt")
 
     def finish(self) -> None:
-        """Move the assembled checkpoint into place and drop the partial directory."""
+        """Move the assembled checkpoint into place and drop the partial directory.
+
+        Everything is fsynced first, and an old output is renamed aside (not deleted)
+        before the new one is renamed in, so a crash never leaves a truncated checkpoint
+        that looks complete, nor a moment with neither.
+        """
+        fsync_tree(self.final_dir)
+        old = None
         if os.path.exists(self.out_dir):
-            shutil.rmtree(self.out_dir)
+            old = self.path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out_dir, old)
         os.replace(self.final_dir, self.out_dir)
         fsync_dir(os.path.dirname(self.out_dir))
         shutil.rmtree(self.path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)

@@ -54,24 +54,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer (same settings required)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory or partial run")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="safetensors shard size in GB (default 2)")
-    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows per language for the before/after perplexity (0 = skip)")
+    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows per language for the before/after perplexity (0 = skip)")
     p.add_argument("--cache-dir", help="where the default model is cached (default ~/.cache/bluelm-quant or $BLUELM_QUANT_CACHE)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Run the CLI; errors the library raises for bad input are printed, not traced."""
+    from bluelm_quant.data import CalibrationDataError
+    from bluelm_quant.gptq import GPTQError
+    from bluelm_quant.models import UnsupportedModelError
+    from bluelm_quant.pipeline import NonFiniteActivationError
+    from bluelm_quant.shards import CheckpointError
+    from bluelm_quant.smollm2 import SmolLM2Error
+    from bluelm_quant.workdir import ResumeError
+
     try:
-        config = QuantConfig(
-            bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act,
-            static_groups=args.static_groups, true_sequential=args.true_sequential,
-            damp_percent=args.damp, mse_clip=args.mse_clip,
-        )
-    except QuantConfigError as e:
+        return run(parse_args(argv))
+    except (QuantConfigError, CheckpointError, ResumeError, FileExistsError, CalibrationDataError,
+            UnsupportedModelError, NonFiniteActivationError, GPTQError, SmolLM2Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = QuantConfig(
+        bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act,
+        static_groups=args.static_groups, true_sequential=args.true_sequential,
+        damp_percent=args.damp, mse_clip=args.mse_clip,
+    )
     demo = args.model is None
     if demo:
         from bluelm_quant.smollm2 import ensure_smollm2
@@ -80,10 +93,12 @@ def main(argv=None) -> int:
         args.model = str(ensure_smollm2(args.cache_dir))
     name = os.path.basename(os.path.normpath(args.model))
     gs = "pc" if args.group_size == -1 else args.group_size
+    # The demo may replace its own default output on a re-run, never a directory the user named.
+    replace_default = demo and args.out is None and not args.resume
     args.out = args.out or os.path.join("out", f"{name}-gptq-{args.bits}bit-g{gs}")
     calib = _calib_sources(args)
     opts = RunOptions(
-        device=args.device, dtype=DTYPES[args.dtype], resume=args.resume, overwrite=args.overwrite or (demo and not args.resume),
+        device=args.device, dtype=DTYPES[args.dtype], resume=args.resume, overwrite=args.overwrite or replace_default,
         max_shard_size=int(args.max_shard_size * 1024**3), progress=not args.quiet,
     )
     start = time.perf_counter()

@@ -28,7 +28,7 @@ LLAMA_SEQUENTIAL = (
 
 LLAMA = ModelSpec(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "internlm2", "yi"),
+    model_types=("llama", "mistral", "qwen2"),
     layers="model.layers",
     sequential=LLAMA_SEQUENTIAL,
     before=("model.embed_tokens", "model.rotary_emb"),
