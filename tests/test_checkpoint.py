@@ -18,6 +18,9 @@ def _quantized_tiny(tie=False, config=None):
     model = tiny_llama(tie=tie)
     config = config or QuantConfig(bits=4, group_size=32, sym=False)
     replace_linear(model, config, quantize=True)
+    # Inference only: a parameter that requires grad would send forward through the
+    # autograd-friendly reference path, while the loaded model takes the kernel.
+    model.requires_grad_(False)
     return model, config
 
 
