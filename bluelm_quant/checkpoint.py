@@ -8,14 +8,17 @@ Loaded layouts: that one (v1 or v2 zeros), and the legacy BlueLM-7B-Chat-4bits o
 derived from the tensor shapes).
 
 Loading never materializes a full-precision Linear weight: the skeleton is built with
-parameters on the meta device and tensors are streamed shard by shard to `device`.
+parameters on the meta device and tensors are streamed shard by shard to `device`,
+each converted on the CPU and moved once; QuantLinears are repacked per layer.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import shutil
+import traceback
 from typing import Iterable
 
 import torch
@@ -26,6 +29,7 @@ from .atomic import atomic_directory, write_json
 from .config import QuantConfig, QuantConfigError
 from .nn import QuantLinear, find_linears, set_module
 from .packing import convert_qzeros, pack_multiple
+from .placement import CPUEmbedding, DeviceError, DeviceMemoryError, Int8Linear, check_dtype, resolve_device
 from .quantizer import default_g_idx
 from .shards import CheckpointError, ShardReader
 
@@ -263,25 +267,210 @@ def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         raise CheckpointError(f"{key}: the model has no parameter or buffer of that name")
 
 
-def load_quantized(path: str, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def _config_dtype(path: str) -> torch.dtype:
+    """config.json's torch_dtype (or transformers 5's dtype); fp16 when it names none."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        hf = json.load(f)
+    named = hf.get("torch_dtype") or hf.get("dtype") or "float16"
+    dtype = getattr(torch, str(named).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{path}/config.json names torch_dtype={named!r}, which is not a torch dtype")
+    return dtype
+
+
+class _Plan:
+    """Where each checkpoint tensor goes, and what the device must hold in the end."""
+
+    def __init__(self, model, reader: ShardReader, quantized: list[str], dtype, device, embed_on_cpu: bool, lm_head_bits: int):
+        self.dtype, self.device = dtype, device
+        self.embed_on_cpu, self.lm_head_bits = embed_on_cpu, lm_head_bits
+        names = {id(m): n for n, m in model.named_modules()}
+        self.embed_key = names[id(model.get_input_embeddings())] + ".weight"
+        head = model.get_output_embeddings()
+        self.head_key = names[id(head)] + ".weight" if head is not None else None
+        self.tie = bool(getattr(model.config, "tie_word_embeddings", False))
+        # lm_head is built from the embedding table (tied checkpoints drop the duplicate)
+        self.tied = self.tie and self.head_key not in reader
+        # Quantized layers are repacked as soon as their last tensor arrives.
+        self.pending = {
+            name: {f"{name}.{s}" for s in QUANT_SUFFIXES + ("bias",) if f"{name}.{s}" in reader} for name in quantized
+        }
+        self.layer_of = {key: name for name, keys in self.pending.items() for key in keys}
+
+    def device_bytes(self, reader: ShardReader, keys) -> int:
+        """What the loaded model will hold on `device` (kernel repacks not included)."""
+        fsize = torch.empty(0, dtype=self.dtype).element_size()
+        total = 0
+        for key in keys:
+            numel = 1
+            for d in reader.shape(key):
+                numel *= d
+            fp = reader.dtype(key).is_floating_point
+            size = numel * (fsize if fp else 4)
+            if key == self.embed_key:
+                head = 0
+                if self.tied:
+                    rows = reader.shape(key)[0]
+                    head = numel + rows * fsize if self.lm_head_bits == 8 else size
+                total += (0 if self.embed_on_cpu else size) + (head if (self.embed_on_cpu or self.lm_head_bits == 8) else 0)
+            elif key == self.head_key and self.lm_head_bits == 8:
+                total += numel + reader.shape(key)[0] * fsize
+            else:
+                total += size
+        return total
+
+
+def _convert(key: str, t: torch.Tensor, dtype, config: QuantConfig) -> torch.Tensor:
+    """Checkpoint tensor -> the dtype the model keeps, on the CPU (no second device copy)."""
+    if key.endswith(".qzeros") and config.checkpoint_format == "gptq_v2":
+        t = convert_qzeros(t, config.bits, "gptq_v2", "gptq")
+    if t.is_floating_point():
+        return t.to(dtype)
+    if key.endswith(("qweight", "qzeros", "g_idx")):
+        return t.to(torch.int32)
+    return t
+
+
+def _finish_layer(model, name: str, device) -> None:
+    """All of a QuantLinear's tensors are here (on the CPU): repack, then move it whole.
+
+    Repacking on the CPU means the device never holds the unpacked temporaries of an
+    act-order repack, only the final buffers.
+    """
+    layer = model.get_submodule(name)
+    if layer.g_idx.is_meta:  # legacy layout: contiguous groups
+        layer.g_idx = default_g_idx(layer.in_features, layer.group_size)
+    layer.post_init()
+    layer.to(device)
+
+
+def _place(model, plan: _Plan, key: str, t: torch.Tensor) -> None:
+    """Put one converted CPU tensor where the plan says."""
+    device = plan.device
+    if key in plan.layer_of:
+        name = plan.layer_of[key]
+        assign_tensor(model, key, t)
+        plan.pending[name].discard(key)
+        if not plan.pending[name]:
+            _finish_layer(model, name, device)
+        return
+    if key == plan.embed_key and (plan.embed_on_cpu or (plan.tied and plan.lm_head_bits == 8)):
+        if plan.tied:
+            _set_head(model, plan, t)
+        if plan.embed_on_cpu:
+            old = model.get_input_embeddings()
+            model.set_input_embeddings(CPUEmbedding(t, getattr(old, "padding_idx", None), device))
+            return
+    if key == plan.head_key and plan.lm_head_bits == 8:
+        _set_head(model, plan, t)
+        return
+    assign_tensor(model, key, t.to(device))
+
+
+def _set_head(model, plan: _Plan, weight: torch.Tensor) -> None:
+    """The output projection from `weight` (its own tensor, int8 or a device copy)."""
+    head = model.get_output_embeddings()
+    if plan.lm_head_bits == 8:
+        if getattr(head, "bias", None) is not None:
+            raise CheckpointError("lm_head_bits=8 supports an lm_head without bias only")
+        model.set_output_embeddings(Int8Linear.from_weight(weight, plan.dtype, plan.device))
+    else:
+        head.weight = nn.Parameter(weight.to(plan.device), requires_grad=False)
+
+
+def _oom_message(path: str, plan: _Plan, needed: int, loaded: int | None, free: int, total: int) -> str:
+    gib = 1024**3
+    where = f" ({loaded / gib:.2f} GiB of it loaded when the allocation failed)" if loaded is not None else ""
+    hints = []
+    if not plan.embed_on_cpu:
+        hints.append("embed_on_cpu=True (keeps the embedding table in host memory)")
+    if plan.lm_head_bits != 8:
+        hints.append("lm_head_bits=8 (halves the lm_head)")
+    hints.append("freeing GPU memory held by other processes, or device='cpu'")
+    return (
+        f"not enough memory on {plan.device} to load {path}: the model needs about {needed / gib:.2f} GiB there"
+        f"{where}; {free / gib:.2f} GiB of {total / gib:.2f} GiB are free now. Try " + ", ".join(hints)
+    )
+
+
+def load_quantized(
+    path: str,
+    device="cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    embed_on_cpu: bool = False,
+    lm_head_bits: int = 16,
+    allow_dtype_fallback: bool = False,
+) -> nn.Module:
     """Load a 4-bit checkpoint directory into an eval-mode model on `device`.
 
     dtype: the compute dtype of the non-quantized weights, scales and activations
-    (default: config.json's torch_dtype, fp16 when it names none).
+    (default: config.json's torch_dtype, fp16 when it names none). A dtype the device
+    cannot run (bf16 before Ampere) is an error, or fp16 (CUDA) / fp32 (CPU) with
+    allow_dtype_fallback=True.
+    embed_on_cpu: keep the token-embedding table in host memory (CPUEmbedding).
+    lm_head_bits: 16 keeps lm_head in `dtype`; 8 stores it as int8 with per-row scales.
+
+    Tensors stream shard by shard into a meta-device skeleton; each is converted on the
+    CPU and moved once, and each QuantLinear is repacked for the kernel on the CPU as
+    soon as its tensors are in, then moved. Device memory peaks near the final size.
     """
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path} has no config.json; it is not a Hugging Face model directory")
-    device = torch.device(device)
+    device = resolve_device(device)
+    if lm_head_bits not in (8, 16):
+        raise ValueError(f"lm_head_bits={lm_head_bits!r}: use 16 (lm_head in the compute dtype) or 8 (int8 per-row)")
     reader = ShardReader(path)
     config, legacy = read_quant_config(path, reader)
-    if dtype is None:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            named = json.load(f).get("torch_dtype") or "float16"
-        dtype = getattr(torch, named) if named != "float32" else torch.float32
+    source = "dtype" if dtype is not None else f"{path}/config.json torch_dtype"
+    dtype = check_dtype(device, dtype if dtype is not None else _config_dtype(path), allow_dtype_fallback, source)
     model = build_skeleton(path, dtype, reader)
     quantized = _swap_quantized_linears(model, reader, config, legacy, dtype)
-    expected = {k for k in model.state_dict()}
+    plan = _Plan(model, reader, quantized, dtype, device, embed_on_cpu, lm_head_bits)
+    expected = set(model.state_dict())
+    wanted = [k for k in reader.keys() if k in expected]
+    needed = plan.device_bytes(reader, wanted) if device.type == "cuda" else 0
+    if device.type == "cuda" and needed > torch.cuda.mem_get_info(device)[0]:
+        raise DeviceMemoryError(_oom_message(path, plan, needed, None, *torch.cuda.mem_get_info(device)))
+    try:
+        loaded = _stream(model, reader, plan, config, expected)
+    except torch.OutOfMemoryError as e:
+        allocated = torch.cuda.memory_allocated(device)
+        traceback.clear_frames(e.__traceback__)  # the frames' locals hold device tensors
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        raise DeviceMemoryError(_oom_message(path, plan, needed, allocated, *torch.cuda.mem_get_info(device))) from None
+    finally:
+        reader.close()
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = sorted(k for k in expected - loaded if not (k.endswith(".g_idx") or k in tied))
+    if missing:
+        raise CheckpointError(f"the checkpoint at {path} lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
+    unfinished = sorted(n for n, keys in plan.pending.items() if keys)
+    if unfinished:
+        raise CheckpointError(f"quantized layers left incomplete after reading {path}: {unfinished[:5]}")
+    if plan.tie and not (embed_on_cpu or lm_head_bits == 8):
+        model.tie_weights()  # one table for both; the memory savers need them apart
+    model.to(device)  # the small buffers built on the CPU (RoPE tables); loaded tensors stay put
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"tensors left unloaded after reading {path}: {still_meta[:5]}")
+    model.quant_config = config
+    return model.eval()
+
+
+def _transient(key: str, reader: ShardReader, plan: _Plan, config: QuantConfig) -> bool:
+    """Whether the stored tensor is dropped after reading (moved, converted or quantized)."""
+    if plan.device.type != "cpu" or (key == plan.head_key and plan.lm_head_bits == 8):
+        return True
+    stored = reader.dtype(key)
+    if stored.is_floating_point:
+        return stored != plan.dtype
+    return stored != torch.int32 or (key.endswith(".qzeros") and config.checkpoint_format == "gptq_v2")
+
+
+def _stream(model, reader: ShardReader, plan: _Plan, config: QuantConfig, expected: set[str]) -> set[str]:
     loaded, unexpected = set(), []
     for file, keys in reader.keys_by_file().items():
         for key in keys:
@@ -290,35 +479,20 @@ def load_quantized(path: str, device="cpu", dtype: torch.dtype | None = None) ->
             if key not in expected:
                 unexpected.append(key)
                 continue
-            t = reader.get(key)
-            if key.endswith(".qzeros") and config.checkpoint_format == "gptq_v2":
-                t = convert_qzeros(t, config.bits, "gptq_v2", "gptq")
-            if t.is_floating_point():
-                t = t.to(dtype)
-            elif key.endswith(("qweight", "qzeros", "g_idx")):
-                t = t.to(torch.int32)
-            assign_tensor(model, key, t.to(device))
+            _place(model, plan, key, _convert(key, reader.get(key, _transient(key, reader, plan, config)), plan.dtype, config))
             loaded.add(key)
         reader.release(file)
     if unexpected:
         log.warning("ignored %d tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
-    missing = sorted(k for k in expected - loaded if not (k.endswith(".g_idx") or k in tied))
-    if missing:
-        raise CheckpointError(f"the checkpoint at {path} lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
-    for name in quantized:
-        if f"{name}.g_idx" not in loaded:  # legacy layout: contiguous groups
-            layer = model.get_submodule(name)
-            layer.g_idx = default_g_idx(layer.in_features, layer.group_size).to(device)
-    if tied and getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    model.to(device)  # the small real buffers (RoPE tables) built on CPU
-    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if still_meta:
-        raise CheckpointError(f"tensors left unloaded after reading {path}: {still_meta[:5]}")
-    for name in quantized:
-        model.get_submodule(name).post_init()
-    model.quant_config = config
-    return model.eval()
+    return loaded
 
 
-__all__ = ["CheckpointError", "QuantConfigError", "load_quantized", "save_quantized", "read_quant_config"]
+__all__ = [
+    "CheckpointError",
+    "DeviceError",
+    "DeviceMemoryError",
+    "QuantConfigError",
+    "load_quantized",
+    "read_quant_config",
+    "save_quantized",
+]

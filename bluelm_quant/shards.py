@@ -16,6 +16,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# safetensors tensors are zero-copy views of a private memory map of their whole file:
+# every page touched stays resident (and counts in the RSS) while any view from that map
+# lives. Tensors the model keeps as they are (CPU, same dtype) come from one long-lived map
+# per file, so only what a forward pass touches is resident. Tensors that are converted or
+# moved to a device are read through separate maps, replaced after this many bytes, so the
+# pages touched while converting are released with them.
+DEFAULT_REMAP_BYTES = 256 * 1024**2
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -26,11 +37,14 @@ class CheckpointError(ValueError):
 class ShardReader:
     """Maps tensor names to files; loads one file's tensors at a time."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, remap_bytes: int = DEFAULT_REMAP_BYTES):
         self.directory = directory
         if not os.path.isdir(directory):
             raise CheckpointError(f"{directory} is not a directory")
         self._open: dict[str, object] = {}
+        self._transient: dict[str, object] = {}
+        self.remap_bytes = remap_bytes
+        self._read_since_open: dict[str, int] = defaultdict(int)
         self.key_to_file = self._discover()
 
     def _discover(self) -> dict[str, str]:
@@ -69,19 +83,24 @@ class ShardReader:
     def _path(self, file: str) -> str:
         return os.path.join(self.directory, file)
 
-    def _handle(self, file: str):
+    def _handle(self, file: str, transient: bool = False):
+        if transient and file.endswith(".safetensors"):
+            if file not in self._transient:
+                self._transient[file] = self._open_safetensors(file)
+            return self._transient[file]
         if file not in self._open:
             path = self._path(file)
-            if file.endswith(".safetensors"):
-                try:
-                    self._open[file] = safe_open(path, framework="pt", device="cpu")
-                except (SafetensorError, OSError) as e:
-                    raise CheckpointError(
-                        f"cannot read {path}: {e}. The file is truncated or corrupt; re-download or re-create it"
-                    ) from None
-            else:
-                self._open[file] = _load_bin(path)
+            self._open[file] = self._open_safetensors(file) if file.endswith(".safetensors") else _load_bin(path)
         return self._open[file]
+
+    def _open_safetensors(self, file: str):
+        path = self._path(file)
+        try:
+            return safe_open(path, framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"cannot read {path}: {e}. The file is truncated or corrupt; re-download or re-create it"
+            ) from None
 
     def _file_keys(self, file: str) -> list[str]:
         h = self._handle(file)
@@ -105,19 +124,42 @@ class ShardReader:
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_file
 
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor on CPU (memory-mapped where the format allows)."""
+    def get(self, key: str, transient: bool = False) -> torch.Tensor:
+        """The tensor on CPU, a view of the file's memory map where the format allows.
+
+        transient: the caller converts or moves it and drops it (see DEFAULT_REMAP_BYTES);
+        .bin files have one map per file either way.
+        """
         if key not in self.key_to_file:
             raise CheckpointError(f"tensor {key!r} is not in the checkpoint at {self.directory}")
         file = self.key_to_file[key]
-        h = self._handle(file)
+        h = self._handle(file, transient)
         try:
-            return h.get_tensor(key) if file.endswith(".safetensors") else h[key]
+            t = h.get_tensor(key) if file.endswith(".safetensors") else h[key]
         except (SafetensorError, KeyError, OSError, RuntimeError) as e:
             raise CheckpointError(
                 f"cannot read tensor {key!r} from {self._path(file)}: {e}. "
                 "The index and the shard disagree or the file is corrupt"
             ) from None
+        if transient and file.endswith(".safetensors"):
+            self._read_since_open[file] += t.numel() * t.element_size()
+            if self._read_since_open[file] >= self.remap_bytes:
+                self._transient.pop(file, None)  # the map goes once the views read from it are dropped
+                self._read_since_open.pop(file, None)
+        return t
+
+    def dtype(self, key: str) -> torch.dtype:
+        """Stored dtype of a tensor, from the header (nothing is read)."""
+        file = self.key_to_file.get(key)
+        if file is None:
+            raise CheckpointError(f"tensor {key!r} is not in the checkpoint at {self.directory}")
+        h = self._handle(file)
+        if file.endswith(".safetensors"):
+            name = h.get_slice(key).get_dtype()
+            if name not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"tensor {key!r} in {self._path(file)} has dtype {name}, which no model layer uses")
+            return SAFETENSORS_DTYPES[name]
+        return h[key].dtype
 
     def shape(self, key: str) -> tuple[int, ...]:
         file = self.key_to_file.get(key)
@@ -131,9 +173,13 @@ class ShardReader:
     def release(self, file: str) -> None:
         """Drop a file's handle so its pages can be reclaimed (shard-by-shard loading)."""
         self._open.pop(file, None)
+        self._transient.pop(file, None)
+        self._read_since_open.pop(file, None)
 
     def close(self) -> None:
         self._open.clear()
+        self._transient.clear()
+        self._read_since_open.clear()
 
 
 def _load_bin(path: str) -> dict[str, torch.Tensor]:
