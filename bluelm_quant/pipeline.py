@@ -33,6 +33,7 @@ from .config import QuantConfig, QuantConfigError
 from .gptq import GPTQ, GPTQError
 from .models import ModelSpec, UnsupportedModelError, spec_for
 from .packing import gptq_tensors, pack_multiple
+from .placement import resolve_device
 from .report import write_report
 from .shards import CheckpointError, ShardReader
 from .workdir import WorkDir
@@ -243,8 +244,8 @@ def quantize_model(model_dir: str, out_dir: str, config: QuantConfig, windows: t
             "bluelm-quant writes checkpoint_format='gptq' (v1 zeros) with an unquantized lm_head, what "
             f"AutoGPTQ, GPTQModel and vLLM read; got checkpoint_format={config.checkpoint_format!r}, lm_head={config.lm_head}"
         )
+    device = resolve_device(opts.device)
     reader, spec = preflight(model_dir)
-    device = torch.device(opts.device)
     model = build_skeleton(model_dir, torch.float32, reader)
     check_spec(model, spec, config)
     vocab = model.get_input_embeddings().num_embeddings
@@ -385,7 +386,8 @@ def quantize(
     from . import models  # noqa: F401  (BlueLM's tokenizer registration)
     from .data import calibration_windows
 
-    preflight(model_dir)  # a wrong directory fails here, not after tokenizing
+    resolve_device((opts or RunOptions()).device)  # bad input fails here, not after tokenizing
+    preflight(model_dir)
     opts = opts or RunOptions()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = calibration_windows(tokenizer, calib, nsamples=nsamples, seqlen=seqlen, seed=seed)

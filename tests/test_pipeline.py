@@ -151,3 +151,12 @@ def test_nan_activations_name_the_layer(tmp_path):
 def test_tokens_outside_the_vocabulary(fp_dir, tmp_path):
     with pytest.raises(ValueError, match="vocab_size=258"):
         quantize_model(fp_dir, str(tmp_path / "q"), CONFIG, torch.full((2, 8), 299), RunOptions(progress=False))
+
+
+@pytest.mark.parametrize("device", ["banana", "xpu:0"])
+def test_bad_device_is_refused_before_any_work(fp_dir, tmp_path, device):
+    from bluelm_quant.placement import DeviceError
+
+    with pytest.raises(DeviceError, match=device.split(":")[0]):
+        quantize_model(fp_dir, str(tmp_path / "q"), CONFIG, windows(), RunOptions(device=device, progress=False))
+    assert not os.path.exists(str(tmp_path / "q.partial"))

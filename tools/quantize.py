@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     from bluelm_quant.gptq import GPTQError
     from bluelm_quant.models import UnsupportedModelError
     from bluelm_quant.pipeline import NonFiniteActivationError
+    from bluelm_quant.placement import DeviceError
     from bluelm_quant.shards import CheckpointError
     from bluelm_quant.smollm2 import SmolLM2Error
     from bluelm_quant.workdir import ResumeError
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     try:
         return run(parse_args(argv))
     except (QuantConfigError, CheckpointError, ResumeError, FileExistsError, CalibrationDataError,
-            UnsupportedModelError, NonFiniteActivationError, GPTQError, SmolLM2Error) as e:
+            UnsupportedModelError, NonFiniteActivationError, GPTQError, SmolLM2Error, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
