@@ -158,8 +158,7 @@ def test_hessian_running_mean_over_uneven_batches():
     half = GPTQ(64)
     half.add_batch(x.bfloat16())
     xb = x.bfloat16().double()
-    # bf16 inputs use a bf16 matmul: one bf16 rounding (2**-8 relative) of each batch's sum
-    torch.testing.assert_close(half.H.double(), 2 / 300 * xb.T @ xb, rtol=2**-8, atol=1e-3)
+    torch.testing.assert_close(half.H.double(), 2 / 300 * xb.T @ xb, rtol=1e-5, atol=1e-3)
 
 
 def test_dead_input_column():
@@ -239,12 +238,3 @@ def test_stacked_linears_sharing_a_hessian_match_separate_runs(data, desc_act):
         assert torch.equal(got.scales, alone.quantized.scales)
         assert torch.equal(got.g_idx, alone.quantized.g_idx)
         assert float(stacked.row_loss[start:stop].sum()) == pytest.approx(alone.loss, rel=1e-4)
-
-
-def test_bf16_activations_give_a_close_hessian():
-    x = correlated_inputs()
-    fp32, bf16 = GPTQ(K), GPTQ(K)
-    for chunk in x.bfloat16().split(100):
-        fp32.add_batch(chunk.float())
-        bf16.add_batch(chunk)  # the bf16-matmul path
-    assert (fp32.H - bf16.H).norm() / fp32.H.norm() < 3e-3
