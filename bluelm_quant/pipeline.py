@@ -67,7 +67,7 @@ class RunOptions:
 def _source_dtype(reader: ShardReader, spec: ModelSpec) -> torch.dtype:
     for key in reader.keys():
         if key.startswith(spec.layers + ".") and key.endswith(".weight"):
-            return reader.get(key).dtype
+            return reader.dtype(key)
     raise CheckpointError(f"no decoder-layer weights under {spec.layers!r} in {reader.directory}")
 
 
@@ -100,7 +100,7 @@ def load_module(module: nn.Module, prefix: str, reader: ShardReader, device, dty
         key = f"{prefix}.{name}" if prefix else name
         if key not in reader:
             raise CheckpointError(f"tensor {key} is missing from {reader.directory}")
-        t = reader.get(key)
+        t = reader.get(key, transient=True)  # copied below: the map can go once read
         want = tuple(module.get_parameter(name).shape if name in dict(module.named_parameters()) else module.get_buffer(name).shape)
         if tuple(t.shape) != want:
             raise CheckpointError(f"tensor {key} has shape {list(t.shape)}, the model expects {list(want)}")
