@@ -32,7 +32,7 @@ test-fast: $(VENV)/.installed
 cuda-check:
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install --quiet torch==2.14.1 numpy==2.4.6 ninja==1.13.2 pybind11==3.1.0 setuptools wheel
-	bash tools/check_cuda_build.sh $(CUDA_VENV)/bin/python
+	bash tools/check_cuda_build.sh $(CURDIR)/$(CUDA_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info quant_cuda*.so
