@@ -84,8 +84,13 @@ class GPTQ:
         config: QuantConfig,
         blocksize: int = 128,
         scale_dtype: torch.dtype = torch.float16,
+        keep_hessian: bool = True,
     ) -> GPTQResult:
-        """Quantize W [N, K]; the result's tensors live on this solver's device."""
+        """Quantize W [N, K]; the result's tensors live on this solver's device.
+
+        keep_hessian=False hands H over to this call (as free() would after it), saving a
+        K x K copy: 485 MB for a 7B down_proj.
+        """
         tick = time.perf_counter()
         if self.H is None or self.nsamples == 0:
             raise GPTQError("no calibration activations: call add_batch before quantize")
@@ -99,7 +104,9 @@ class GPTQ:
         w = weight.detach().to(self.device, torch.float32, copy=True)
         if not torch.isfinite(w).all():
             raise GPTQError("weight contains NaN/Inf")
-        h = self.H.clone()
+        h = self.H.clone() if keep_hessian else self.H
+        if not keep_hessian:
+            self.H = None
         gs, maxq = config.effective_group_size(k), config.maxq
         grid = partial(
             find_params, bits=config.bits, sym=config.sym, mse_clip=config.mse_clip, scale_dtype=scale_dtype

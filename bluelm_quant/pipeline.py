@@ -167,7 +167,7 @@ def _quantize_group(layer, layer_name: str, names, solver: GPTQ, config: QuantCo
     threads = 1 if weight.device.type == "cpu" and weight.shape[1] <= SOLVER_ONE_THREAD_MAX_K else None
     with _torch_threads(threads):
         try:
-            result = solver.quantize(weight, config)
+            result = solver.quantize(weight, config, keep_hessian=False)  # used once
         except GPTQError as e:
             raise GPTQError(f"{layer_name}.{'/'.join(names)}: {e}") from None
     start = 0

@@ -238,3 +238,14 @@ def test_stacked_linears_sharing_a_hessian_match_separate_runs(data, desc_act):
         assert torch.equal(got.scales, alone.quantized.scales)
         assert torch.equal(got.g_idx, alone.quantized.g_idx)
         assert float(stacked.row_loss[start:stop].sum()) == pytest.approx(alone.loss, rel=1e-4)
+
+
+def test_handing_over_the_hessian_gives_the_same_result(data):
+    x, w, _ = data
+    keep, hand = solver(x), solver(x)
+    a = keep.quantize(w, QuantConfig(group_size=32, desc_act=True))
+    b = hand.quantize(w, QuantConfig(group_size=32, desc_act=True), keep_hessian=False)
+    assert torch.equal(a.quantized.codes, b.quantized.codes) and a.loss == b.loss
+    assert keep.H is not None and hand.H is None
+    with pytest.raises(GPTQError, match="no calibration"):
+        hand.quantize(w, QuantConfig())
