@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows per language")
+    p.add_argument("--rtn-only", action="store_true", help="only the fp32 and RTN rows (minutes, not an hour on a CPU)")
     p.add_argument("--json", default="compare_quality.json")
     args = p.parse_args(argv)
     if args.model is None:
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         rows.append({"method": "rtn", "group_size": gs, "act_order": None, **evaluate(model, tokenizer, args)})
         print(f"rtn g{gs}: {rows[-1]}", flush=True)
         del model
-        for act in orders:
+        for act in [] if args.rtn_only else orders:
             config = QuantConfig(bits=args.bits, group_size=gs, sym=args.sym, desc_act=act)
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
