@@ -46,9 +46,17 @@ DEFAULT_MAX_SHARD = 2 * 1024**3
 # --- save -------------------------------------------------------------------------------
 
 
+def tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that share another tensor (lm_head with the embedding) when the
+    config ties them; checkpoints omit these and loading re-ties them."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return set()
+    return set(getattr(model, "_tied_weights_keys", None) or ())
+
+
 def _checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict to save: tied duplicates dropped, scales in fp16 (the standard)."""
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    tied = tied_keys(model)
     out, seen = {}, {}
     for name, t in model.state_dict().items():
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -443,7 +451,7 @@ def load_quantized(
         raise DeviceMemoryError(_oom_message(path, plan, needed, allocated, *torch.cuda.mem_get_info(device))) from None
     finally:
         reader.close()
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    tied = tied_keys(model)
     missing = sorted(k for k in expected - loaded if not (k.endswith(".g_idx") or k in tied))
     if missing:
         raise CheckpointError(f"the checkpoint at {path} lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .capture import StopForward, capture_first_layer_inputs, run_layer
-from .checkpoint import DEFAULT_MAX_SHARD, assign_tensor, build_skeleton, copy_model_files, write_configs, write_shards
+from .checkpoint import DEFAULT_MAX_SHARD, assign_tensor, tied_keys, build_skeleton, copy_model_files, write_configs, write_shards
 from .config import QuantConfig, QuantConfigError
 from .gptq import GPTQ, GPTQError
 from .models import ModelSpec, UnsupportedModelError, spec_for
@@ -336,7 +336,7 @@ def _assemble(model, layers, spec, reader, config, work, opts) -> None:
     """Stream source tensors and packed layers into the final checkpoint directory."""
     os.makedirs(work.final_dir)
     quantized = {f"{spec.layers}.{i}.{n}" for i in range(len(layers)) for g in spec.sequential for n in g}
-    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
+    tied = tied_keys(model)
     handles = {}
 
     def items():
