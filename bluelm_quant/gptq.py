@@ -50,12 +50,29 @@ class GPTQ:
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.in_features = in_features
         self.device = torch.device(device)
-        self.H: torch.Tensor | None = torch.zeros(in_features, in_features, device=self.device)
+        self._hessian: torch.Tensor | None = torch.zeros(in_features, in_features, device=self.device)
+        self._symmetric = True  # False while only the upper panels hold the latest sums
         self.nsamples = 0
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        """The full symmetric Hessian (fp32 [K, K]); None after free()."""
+        if self._hessian is not None and not self._symmetric:
+            h = self._hessian
+            for a, b in _panels(self.in_features):
+                block = h[a:b, a:b]
+                block.copy_(block.triu() + block.triu(1).T)  # exactly symmetric, like the panels below
+                h[b:, a:b].copy_(h[a:b, b:].T)
+            self._symmetric = True
+        return self._hessian
+
+    @H.setter
+    def H(self, value: torch.Tensor | None) -> None:
+        self._hessian, self._symmetric = value, True
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add activations x [..., K] (any float dtype): every leading index is one sample."""
-        if self.H is None:
+        if self._hessian is None:
             raise GPTQError("add_batch after free(): this solver's Hessian was released")
         if x.shape[-1] != self.in_features:
             raise GPTQError(f"activations have {x.shape[-1]} features, the layer has {self.in_features}")
@@ -63,17 +80,24 @@ class GPTQ:
         m = x.shape[0]
         if m == 0:
             return
-        if not torch.isfinite(x).all():
-            raise GPTQError("activations contain NaN/Inf; the layer's inputs are broken upstream")
         # Running mean: H_n = 2/n sum x^T x, so rescale the old sum by old_n/new_n and add
         # the new rows with weight 2/new_n, into an fp32 H.
         total = self.nsamples + m
-        self.H.mul_(self.nsamples / total)
+        h = self._hessian
+        h.mul_(self.nsamples / total)
         # fp32 whatever the activation dtype, as the reference does (a bf16 x^T x is 2.3x
         # faster on CPU but rounds each batch's sum to 8 bits; not worth the doubt).
         x = x.float()
-        self.H.addmm_(x.T, x, alpha=2.0 / total)
+        # H is symmetric: accumulate only the panels on and above the diagonal (about 60%
+        # of the flops for K >= 1536); the H property mirrors them when H is read.
+        for a, b in _panels(self.in_features):
+            h[a:b, a:].addmm_(x[:, a:b].T, x[:, a:], alpha=2.0 / total)
+        self._symmetric = False
         self.nsamples = total
+        # A NaN/Inf anywhere in x reaches its column's diagonal entry (a sum of squares
+        # cannot cancel it): K checks instead of a pass over all activations.
+        if not torch.isfinite(h.diagonal()).all():
+            raise GPTQError("activations contain NaN/Inf (or values too large for fp32); the layer's inputs are broken upstream")
 
     def free(self) -> None:
         self.H = None
@@ -106,7 +130,7 @@ class GPTQ:
             raise GPTQError("weight contains NaN/Inf")
         h = self.H.clone() if keep_hessian else self.H
         if not keep_hessian:
-            self.H = None
+            self.free()
         gs, maxq = config.effective_group_size(k), config.maxq
         grid = partial(
             find_params, bits=config.bits, sym=config.sym, mse_clip=config.mse_clip, scale_dtype=scale_dtype
@@ -186,6 +210,17 @@ class GPTQ:
         )
         loss = float(row_loss.sum())
         return GPTQResult(quantized, loss, row_loss, damp, time.perf_counter() - tick)
+
+
+def _panels(k: int) -> list[tuple[int, int]]:
+    """Column ranges of the row panels H[a:b, a:] that cover H's upper triangle.
+
+    More panels skip more of the lower triangle but make smaller matmuls; about 384 wide
+    measured best here (K = 1536: 96 ms vs 145 ms for the full x^T x per 4096 rows).
+    """
+    n = max(1, round(k / 384))
+    edges = [k * i // n for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _upper_inverse_cholesky(h: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:

@@ -31,6 +31,7 @@ from .capture import StopForward, capture_first_layer_inputs, run_layer
 from .checkpoint import DEFAULT_MAX_SHARD, assign_tensor, tied_keys, build_skeleton, copy_model_files, write_configs, write_shards
 from .config import QuantConfig, QuantConfigError
 from .gptq import GPTQ, GPTQError
+from .memo import TailMemo
 from .models import ModelSpec, UnsupportedModelError, spec_for
 from .packing import gptq_tensors, pack_multiple
 from .placement import resolve_device
@@ -47,6 +48,9 @@ TOKENS_PER_BATCH = 4096  # windows per forward batch = this / seqlen: big enough
 # layers (K = 4096, 11008) are dominated by large matmuls and factorizations that need
 # both cores.
 SOLVER_ONE_THREAD_MAX_K = 2048
+# Recorded tail inputs (memo.py) per layer: SmolLM2 with 128 x 512 windows needs 0.3 GB;
+# a 7B with 128 x 2048 would need 7.9 GB, so there only what fits is memoized.
+MEMO_MAX_BYTES = 2 << 30
 
 
 class NonFiniteActivationError(RuntimeError):
@@ -123,35 +127,69 @@ def write_back(linear: nn.Linear, tensors: dict[str, torch.Tensor], bits: int) -
     linear.weight.data.copy_(w.T.to(linear.weight.dtype))
 
 
-def quantize_layer(layer, hidden, kwargs, spec: ModelSpec, config: QuantConfig, device, batch: int, name: str):
-    """GPTQ every Linear of one decoder layer; returns (tensors by 'linear.suffix', stats)."""
-    groups = spec.sequential if config.true_sequential else (tuple(n for g in spec.sequential for n in g),)
-    tensors, stats = {}, {}
-    for group in groups:
-        # Linears of a spec group read the same input, so one Hessian serves them all.
-        firsts = [g[0] for g in spec.sequential if g[0] in group]
-        solvers = {n: GPTQ(layer.get_submodule(n).in_features, device=device) for n in firsts}
-        hooks = []
-        for n in firsts:
-            def collect(_module, inputs, n=n):
-                try:
-                    solvers[n].add_batch(inputs[0])
-                except GPTQError as e:  # e.g. NaN/Inf activations: say which layer
-                    raise NonFiniteActivationError(f"{name}.{n}: {e}") from None
-                if config.true_sequential:
-                    raise StopForward  # the rest of the layer is not needed for this group
+def quantize_layer(layer, hidden, kwargs, spec: ModelSpec, config: QuantConfig, device, batch: int, name: str, out=None):
+    """GPTQ every Linear of one decoder layer; returns (tensors by 'linear.suffix', stats).
 
-            hooks.append(layer.get_submodule(n).register_forward_pre_hook(collect))
-        try:
-            run_layer(layer, hidden, kwargs, device, batch, stop=config.true_sequential)
-        finally:
-            for h in hooks:
-                h.remove()
-        for sub in spec.sequential:
-            if sub[0] in solvers:
-                _quantize_group(layer, name, sub, solvers[sub[0]], config, tensors, stats)
-                solvers[sub[0]].free()
+    With `out`, the quantized layer's outputs for all windows are written there too (it
+    may be `hidden` itself).
+    """
+    groups = spec.sequential if config.true_sequential else (tuple(n for g in spec.sequential for n in g),)
+    memos = _tail_memos(layer, spec, hidden, name)
+    tensors, stats = {}, {}
+    try:
+        for group in groups:
+            _collect_and_quantize(layer, hidden, kwargs, spec, config, device, batch, name, group, memos, tensors, stats)
+        if out is not None:
+            run_layer(layer, hidden, kwargs, device, batch, out=out)
+    finally:
+        for memo in memos.values():
+            memo.remove()
     return tensors, stats
+
+
+def _tail_memos(layer, spec: ModelSpec, hidden: torch.Tensor, name: str) -> dict[str, TailMemo]:
+    """TailMemos by tail Linear name, in forward order, while they fit MEMO_MAX_BYTES."""
+    memos, total = {}, 0
+    for module, tail in spec.tails:
+        linear = layer.get_submodule(tail)
+        size = TailMemo.nbytes(hidden.shape[0], hidden.shape[1], linear, hidden.dtype)
+        if total + size > MEMO_MAX_BYTES:
+            break
+        memos[tail] = TailMemo(layer.get_submodule(module), linear, hidden.shape[0], f"{name}.{module}")
+        total += size
+    return memos
+
+
+def _collect_and_quantize(layer, hidden, kwargs, spec, config, device, batch, name, group, memos, tensors, stats) -> None:
+    """One pass over the windows for a group's Hessians, then GPTQ its Linears."""
+    # Linears of a spec group read the same input, so one Hessian serves them all.
+    firsts = [g[0] for g in spec.sequential if g[0] in group]
+    solvers = {n: GPTQ(layer.get_submodule(n).in_features, device=device) for n in firsts}
+    recording = {g[0]: [memos[m] for m in g if m in memos] for g in spec.sequential if g[0] in solvers}
+    hooks = []
+    for n in firsts:
+        def collect(_module, inputs, n=n):
+            try:
+                solvers[n].add_batch(inputs[0])
+            except GPTQError as e:  # e.g. NaN/Inf activations: say which layer
+                raise NonFiniteActivationError(f"{name}.{n}: {e}") from None
+            for memo in recording[n]:
+                memo.record(inputs[0])
+            if config.true_sequential:
+                raise StopForward  # the rest of the layer is not needed for this group
+
+        hooks.append(layer.get_submodule(n).register_forward_pre_hook(collect))
+    try:
+        run_layer(layer, hidden, kwargs, device, batch, stop=config.true_sequential)
+    finally:
+        for h in hooks:
+            h.remove()
+    for sub in spec.sequential:
+        if sub[0] in solvers:
+            _quantize_group(layer, name, sub, solvers[sub[0]], config, tensors, stats)
+            solvers[sub[0]].free()
+            for memo in recording[sub[0]]:
+                memo.install()  # its tail is final now: later passes replay it
 
 
 def _quantize_group(layer, layer_name: str, names, solver: GPTQ, config: QuantConfig, tensors: dict, stats: dict) -> None:
@@ -297,21 +335,24 @@ def _run_layers(model, layers, spec, reader, config, windows, work, done, device
         layer, prefix = layers[i], f"{spec.layers}.{i}"
         load_module(layer, prefix, reader, device, dtype)
         start = time.perf_counter()
+        last = i + 1 == len(layers)  # its outputs feed nothing
         if i < done:
             tensors, stats = work.load_layer(i)
             for n in (n for g in spec.sequential for n in g):
                 write_back(layer.get_submodule(n), {k.split(".")[-1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == n}, config.bits)
+            if not last:
+                run_layer(layer, hidden, kwargs, device, batch, out=hidden)
         else:
-            tensors, linear_stats = quantize_layer(layer, hidden, kwargs, spec, config, device, batch, prefix)
+            tensors, linear_stats = quantize_layer(
+                layer, hidden, kwargs, spec, config, device, batch, prefix, out=None if last else hidden
+            )
             stats = {"layer": i, "linears": linear_stats, "seconds": time.perf_counter() - start, **_sizes(layer, tensors, spec)}
             work.save_layer(i, tensors, stats)
             bar.set_postfix_str(" ".join(f"{n.split('.')[-1]}={s['loss']:.3g}" for n, s in linear_stats.items()))
-        if i + 1 < len(layers):
-            run_layer(layer, hidden, kwargs, device, batch, out=hidden)
-            if not torch.isfinite(hidden).all():
-                raise NonFiniteActivationError(
-                    f"{prefix} produced NaN/Inf activations; try --dtype float32, a larger --damp, or check the source weights"
-                )
+        if not last and not torch.isfinite(hidden).all():
+            raise NonFiniteActivationError(
+                f"{prefix} produced NaN/Inf activations; try --dtype float32, a larger --damp, or check the source weights"
+            )
         layer.to("meta")
         per_layer.append(stats)
     return per_layer

@@ -96,6 +96,28 @@ def test_resume_after_a_crash_is_bit_identical(fp_dir, tmp_path, monkeypatch):
     assert_same_checkpoint(straight, out)
 
 
+def test_replaying_tail_linears_changes_nothing(fp_dir, tmp_path, monkeypatch):
+    """Memoized attention/MLP passes (memo.py) give the checkpoint a full re-run gives."""
+    monkeypatch.setattr(pipeline, "TOKENS_PER_BATCH", 5 * 64)  # batches of 5, 5, 5 and 1 windows
+    memo = str(tmp_path / "memo")
+    quantize_model(fp_dir, memo, CONFIG, windows(), RunOptions(progress=False))
+    monkeypatch.setattr(pipeline, "MEMO_MAX_BYTES", 0)  # nothing fits: every pass runs the whole layer
+    full = str(tmp_path / "full")
+    quantize_model(fp_dir, full, CONFIG, windows(), RunOptions(progress=False))
+    assert_same_checkpoint(memo, full)
+
+
+def test_a_wrong_tails_spec_is_caught(fp_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    from bluelm_quant import models
+
+    wrong = dataclasses.replace(models.LLAMA, tails=(("self_attn", "self_attn.q_proj"),))  # attention is not q_proj(x)
+    monkeypatch.setattr(pipeline, "spec_for", lambda config: wrong)
+    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.0\.self_attn.*tails"):
+        quantize_model(fp_dir, str(tmp_path / "q"), CONFIG, windows(), RunOptions(progress=False))
+
+
 def test_kill_9_mid_run_then_resume(fp_dir, tmp_path):
     """A real SIGKILL while layers are being written, then --resume."""
     common = [sys.executable, os.path.join(ROOT, "tools", "quantize.py"), "--model", fp_dir, "--group-size", "32",

@@ -17,6 +17,9 @@ class ModelSpec:
     layers: str  # the ModuleList of decoder layers
     sequential: tuple[tuple[str, ...], ...]  # Linear groups inside a layer, forward order
     before: tuple[str, ...] = ()  # modules that run before the first layer (for capture)
+    # (module, Linear) pairs where the module's output is that Linear applied to its input
+    # (plus outputs the layer drops): later passes replay the Linear instead (memo.py).
+    tails: tuple[tuple[str, str], ...] = ()
 
 
 LLAMA_SEQUENTIAL = (
@@ -25,6 +28,7 @@ LLAMA_SEQUENTIAL = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+LLAMA_TAILS = (("self_attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))
 
 LLAMA = ModelSpec(
     name="llama",
@@ -32,6 +36,7 @@ LLAMA = ModelSpec(
     layers="model.layers",
     sequential=LLAMA_SEQUENTIAL,
     before=("model.embed_tokens", "model.rotary_emb"),
+    tails=LLAMA_TAILS,
 )
 
 BLUELM = ModelSpec(
@@ -40,6 +45,7 @@ BLUELM = ModelSpec(
     layers="model.layers",
     sequential=LLAMA_SEQUENTIAL,
     before=("model.embed_tokens", "model.embed_layer_norm", "model.rotary_emb"),
+    tails=LLAMA_TAILS,
 )
 
 FAMILIES = (LLAMA, BLUELM)
