@@ -134,7 +134,9 @@ def quantize_layer(layer, hidden, kwargs, spec: ModelSpec, config: QuantConfig, 
     may be `hidden` itself).
     """
     groups = spec.sequential if config.true_sequential else (tuple(n for g in spec.sequential for n in g),)
-    memos = _tail_memos(layer, spec, hidden, name)
+    # A recorded tail input is replayable only if every Linear before the tail was final
+    # when it was recorded: true-sequential guarantees it, one pass for all groups does not.
+    memos = _tail_memos(layer, spec, hidden, name) if config.true_sequential else {}
     tensors, stats = {}, {}
     try:
         for group in groups:

@@ -96,14 +96,18 @@ def test_resume_after_a_crash_is_bit_identical(fp_dir, tmp_path, monkeypatch):
     assert_same_checkpoint(straight, out)
 
 
-def test_replaying_tail_linears_changes_nothing(fp_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sequential", [True, False])
+def test_replaying_tail_linears_changes_nothing(fp_dir, tmp_path, monkeypatch, sequential):
     """Memoized attention/MLP passes (memo.py) give the checkpoint a full re-run gives."""
+    import dataclasses
+
+    config = dataclasses.replace(CONFIG, true_sequential=sequential)
     monkeypatch.setattr(pipeline, "TOKENS_PER_BATCH", 5 * 64)  # batches of 5, 5, 5 and 1 windows
     memo = str(tmp_path / "memo")
-    quantize_model(fp_dir, memo, CONFIG, windows(), RunOptions(progress=False))
+    quantize_model(fp_dir, memo, config, windows(), RunOptions(progress=False))
     monkeypatch.setattr(pipeline, "MEMO_MAX_BYTES", 0)  # nothing fits: every pass runs the whole layer
     full = str(tmp_path / "full")
-    quantize_model(fp_dir, full, CONFIG, windows(), RunOptions(progress=False))
+    quantize_model(fp_dir, full, config, windows(), RunOptions(progress=False))
     assert_same_checkpoint(memo, full)
 
 
