@@ -122,6 +122,28 @@ def test_a_wrong_tails_spec_is_caught(fp_dir, tmp_path, monkeypatch):
         quantize_model(fp_dir, str(tmp_path / "q"), CONFIG, windows(), RunOptions(progress=False))
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_source_shards_are_unmapped_once_a_layer_is_loaded(fp_dir, tmp_path, monkeypatch):
+    """Open maps keep the pages read through them resident: RSS would grow layer by layer."""
+    import json
+
+    with open(os.path.join(fp_dir, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    real, seen = pipeline.quantize_layer, {}
+
+    def spy(layer, hidden, kwargs, spec, config, device, batch, name, out=None):
+        with open("/proc/self/maps") as f:
+            mapped = {os.path.basename(line.split()[-1]) for line in f if fp_dir in line}
+        seen[name] = (mapped, {v for k, v in weight_map.items() if k.startswith(name + ".")})
+        return real(layer, hidden, kwargs, spec, config, device, batch, name, out=out)
+
+    monkeypatch.setattr(pipeline, "quantize_layer", spy)
+    quantize_model(fp_dir, str(tmp_path / "q"), CONFIG, windows(), RunOptions(progress=False))
+    assert len(seen) == 4
+    for name, (mapped, own) in seen.items():
+        assert mapped <= own, (name, mapped - own)
+
+
 def test_kill_9_mid_run_then_resume(fp_dir, tmp_path):
     """A real SIGKILL while layers are being written, then --resume."""
     common = [sys.executable, os.path.join(ROOT, "tools", "quantize.py"), "--model", fp_dir, "--group-size", "32",
