@@ -123,9 +123,11 @@ def test_a_wrong_tails_spec_is_caught(fp_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
-def test_source_shards_are_unmapped_once_a_layer_is_loaded(fp_dir, tmp_path, monkeypatch):
+def test_source_shards_are_unmapped_once_a_layer_is_loaded(tmp_path, monkeypatch):
     """Open maps keep the pages read through them resident: RSS would grow layer by layer."""
     import json
+
+    fp_dir = save_tiny_llama_dir(str(tmp_path / "fp"), num_hidden_layers=4)  # no other test maps it
 
     with open(os.path.join(fp_dir, "model.safetensors.index.json")) as f:
         weight_map = json.load(f)["weight_map"]
