@@ -30,7 +30,7 @@ from . import ops
 from .capture import StopForward, capture_first_layer_inputs, run_layer
 from .checkpoint import DEFAULT_MAX_SHARD, assign_tensor, tied_keys, build_skeleton, copy_model_files, write_configs, write_shards
 from .config import QuantConfig, QuantConfigError
-from .gptq import GPTQ, GPTQError
+from .gptq import GPTQ, GPTQError, all_finite
 from .memo import TailMemo
 from .models import ModelSpec, UnsupportedModelError, spec_for
 from .packing import gptq_tensors, pack_multiple
@@ -120,6 +120,13 @@ def load_module(module: nn.Module, prefix: str, reader: ShardReader, device, dty
         reader.release(file)
 
 
+def source_weight(reader: ShardReader, key: str) -> torch.Tensor:
+    """A tensor as the source checkpoint stores it, copied out of its shard (then unmapped)."""
+    t = reader.get(key, transient=True).clone()
+    reader.release(reader.key_to_file[key])
+    return t
+
+
 def write_back(linear: nn.Linear, tensors: dict[str, torch.Tensor], bits: int) -> None:
     """Replace a Linear's weight by its dequantized value (what later layers must see).
 
@@ -133,11 +140,13 @@ def write_back(linear: nn.Linear, tensors: dict[str, torch.Tensor], bits: int) -
     linear.weight.data.copy_(w.T.to(linear.weight.dtype))
 
 
-def quantize_layer(layer, hidden, kwargs, spec: ModelSpec, config: QuantConfig, device, batch: int, name: str, out=None):
+def quantize_layer(layer, hidden, kwargs, spec: ModelSpec, config: QuantConfig, device, batch: int, name: str, out=None, source=None):
     """GPTQ every Linear of one decoder layer; returns (tensors by 'linear.suffix', stats).
 
     With `out`, the quantized layer's outputs for all windows are written there too (it
-    may be `hidden` itself).
+    may be `hidden` itself). `source(linear_name)` gives a Linear's weight as the
+    checkpoint stores it, which GPTQ should match; without it, the layer's own weight
+    (in the forward dtype: bf16 on a CPU would round an fp16/fp32 checkpoint first).
     """
     groups = spec.sequential if config.true_sequential else (tuple(n for g in spec.sequential for n in g),)
     # A recorded tail input is replayable only if every Linear before the tail was final
@@ -146,7 +155,7 @@ def quantize_layer(layer, hidden, kwargs, spec: ModelSpec, config: QuantConfig, 
     tensors, stats = {}, {}
     try:
         for group in groups:
-            _collect_and_quantize(layer, hidden, kwargs, spec, config, device, batch, name, group, memos, tensors, stats)
+            _collect_and_quantize(layer, hidden, kwargs, spec, config, device, batch, name, group, memos, tensors, stats, source)
         if out is not None:
             run_layer(layer, hidden, kwargs, device, batch, out=out)
     finally:
@@ -168,7 +177,7 @@ def _tail_memos(layer, spec: ModelSpec, hidden: torch.Tensor, name: str) -> dict
     return memos
 
 
-def _collect_and_quantize(layer, hidden, kwargs, spec, config, device, batch, name, group, memos, tensors, stats) -> None:
+def _collect_and_quantize(layer, hidden, kwargs, spec, config, device, batch, name, group, memos, tensors, stats, source) -> None:
     """One pass over the windows for a group's Hessians, then GPTQ its Linears."""
     # Linears of a spec group read the same input, so one Hessian serves them all.
     firsts = [g[0] for g in spec.sequential if g[0] in group]
@@ -194,20 +203,20 @@ def _collect_and_quantize(layer, hidden, kwargs, spec, config, device, batch, na
             h.remove()
     for sub in spec.sequential:
         if sub[0] in solvers:
-            _quantize_group(layer, name, sub, solvers[sub[0]], config, tensors, stats)
+            _quantize_group(layer, name, sub, solvers[sub[0]], config, tensors, stats, source)
             solvers[sub[0]].free()
             for memo in recording[sub[0]]:
                 memo.install()  # its tail is final now: later passes replay it
 
 
-def _quantize_group(layer, layer_name: str, names, solver: GPTQ, config: QuantConfig, tensors: dict, stats: dict) -> None:
+def _quantize_group(layer, layer_name: str, names, solver: GPTQ, config: QuantConfig, tensors: dict, stats: dict, source=None) -> None:
     """GPTQ the Linears that share one Hessian as one stacked weight, then split.
 
     GPTQ treats output rows independently given H, so stacking q/k/v (or gate/up) is
     exact and runs the column loop once instead of once per Linear.
     """
     linears = [layer.get_submodule(n) for n in names]
-    weight = torch.cat([lin.weight.data for lin in linears])
+    weight = torch.cat([source(n) if source else lin.weight.data for n, lin in zip(names, linears)])
     # Small factorizations and the column loop are latency-bound: a second thread only
     # adds synchronization (and stalls badly when another process holds the other core).
     threads = 1 if weight.device.type == "cpu" and weight.shape[1] <= SOLVER_ONE_THREAD_MAX_K else None
@@ -352,12 +361,13 @@ def _run_layers(model, layers, spec, reader, config, windows, work, done, device
                 run_layer(layer, hidden, kwargs, device, batch, out=hidden)
         else:
             tensors, linear_stats = quantize_layer(
-                layer, hidden, kwargs, spec, config, device, batch, prefix, out=None if last else hidden
+                layer, hidden, kwargs, spec, config, device, batch, prefix, out=None if last else hidden,
+                source=lambda n, prefix=prefix: source_weight(reader, f"{prefix}.{n}.weight"),
             )
             stats = {"layer": i, "linears": linear_stats, "seconds": time.perf_counter() - start, **_sizes(layer, tensors, spec)}
             work.save_layer(i, tensors, stats)
             bar.set_postfix_str(" ".join(f"{n.split('.')[-1]}={s['loss']:.3g}" for n, s in linear_stats.items()))
-        if not last and not torch.isfinite(hidden).all():
+        if not last and not all_finite(hidden):
             raise NonFiniteActivationError(
                 f"{prefix} produced NaN/Inf activations; try --dtype float32, a larger --damp, or check the source weights"
             )

@@ -217,6 +217,30 @@ def test_damp_retry_is_logged(caplog):
     assert torch.isfinite(res.dequantized).all()
 
 
+def test_a_failed_factorization_of_the_inverse_retries_with_more_damping(data, monkeypatch):
+    """The inverse is factorized in place (memory); a failure there must still retry from H."""
+    _, w, s = data
+    cfg = QuantConfig(group_size=32, damp_percent=0.01)
+    h = s.H.clone()
+    expected = GPTQ(s.in_features)
+    expected.H, expected.nsamples = h.clone(), s.nsamples
+    want = expected.quantize(w, QuantConfig(group_size=32, damp_percent=0.02))
+
+    real, failed = torch.linalg.cholesky_ex, []
+
+    def fail_once(a, upper=False, **kw):
+        lower_or_upper, info = real(a, upper=upper, **kw)
+        if upper and not failed:
+            failed.append(1)
+            return lower_or_upper, torch.ones_like(info)
+        return lower_or_upper, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", fail_once)
+    got = s.quantize(w, cfg)
+    assert failed and got.damp == pytest.approx(0.02)
+    assert torch.equal(got.quantized.codes, want.quantized.codes)
+
+
 def test_hopeless_hessian_raises():
     g = GPTQ(64)
     g.H, g.nsamples = indefinite_hessian(64, -1.5), 1

@@ -133,17 +133,35 @@ def test_source_shards_are_unmapped_once_a_layer_is_loaded(tmp_path, monkeypatch
         weight_map = json.load(f)["weight_map"]
     real, seen = pipeline.quantize_layer, {}
 
-    def spy(layer, hidden, kwargs, spec, config, device, batch, name, out=None):
+    def spy(*args, **kwargs):
         with open("/proc/self/maps") as f:
             mapped = {os.path.basename(line.split()[-1]) for line in f if fp_dir in line}
+        name = args[7]
         seen[name] = (mapped, {v for k, v in weight_map.items() if k.startswith(name + ".")})
-        return real(layer, hidden, kwargs, spec, config, device, batch, name, out=out)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "quantize_layer", spy)
     quantize_model(fp_dir, str(tmp_path / "q"), CONFIG, windows(), RunOptions(progress=False))
     assert len(seen) == 4
     for name, (mapped, own) in seen.items():
         assert mapped <= own, (name, mapped - own)
+
+
+def test_gptq_matches_the_checkpoint_weights_not_their_bf16_forward_copy(fp_dir, tmp_path, monkeypatch):
+    """Layers run in bf16 on CPUs with native bf16; the solver must still see the fp32 source."""
+    from safetensors.torch import load_file
+
+    real, seen = pipeline.GPTQ.quantize, []
+    monkeypatch.setattr(pipeline.GPTQ, "quantize", lambda self, weight, *a, **k: seen.append(weight.clone()) or real(self, weight, *a, **k))
+    quantize_model(fp_dir, str(tmp_path / "q"), CONFIG, windows(), RunOptions(progress=False, dtype=torch.bfloat16))
+    source = {}
+    for f in os.listdir(fp_dir):
+        if f.endswith(".safetensors"):
+            source.update(load_file(os.path.join(fp_dir, f)))
+    qkv = torch.cat([source[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkv"])
+    assert source["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    assert torch.equal(seen[0], qkv)  # not bf16-rounded
+    assert not torch.equal(seen[0], qkv.bfloat16().float())
 
 
 def test_kill_9_mid_run_then_resume(fp_dir, tmp_path):
