@@ -27,10 +27,6 @@ class TailMemo:
         self._offset = 0  # passes visit the rows in order, batch by batch
         self._extras: int | None = None  # how many outputs follow the tail's; None until checked
 
-    @staticmethod
-    def nbytes(rows: int, seqlen: int, tail: nn.Linear, dtype: torch.dtype) -> int:
-        return rows * seqlen * tail.in_features * torch.empty((), dtype=dtype).element_size()
-
     def _take(self, batch: int) -> slice:
         rows = slice(self._offset, self._offset + batch)
         self._offset = (self._offset + batch) % self.rows

@@ -100,31 +100,29 @@ def load_module(module: nn.Module, prefix: str, reader: ShardReader, device, dty
         f"{m}.{b}".lstrip(".") for m, sub in module.named_modules() for b in sub._non_persistent_buffers_set
     }
     names = [n for n, _ in module.named_parameters()] + sorted(persistent)
-    files = set()
     for name in names:
         key = f"{prefix}.{name}" if prefix else name
         if key not in reader:
             raise CheckpointError(f"tensor {key} is missing from {reader.directory}")
-        files.add(reader.key_to_file[key])
-        t = reader.get(key, transient=True)  # copied below: the map can go once read
+        t = read_copy(reader, key, device, dtype)
         want = tuple(module.get_parameter(name).shape if name in dict(module.named_parameters()) else module.get_buffer(name).shape)
         if tuple(t.shape) != want:
             raise CheckpointError(f"tensor {key} has shape {list(t.shape)}, the model expects {list(want)}")
-        # copy=True: a same-dtype .to() would alias the shard's memory map, and writing the
-        # quantized weight back would turn those pages into private memory that outlives
-        # the layer (13 GB by the last layer of a 7B model).
-        assign_tensor(module, name, t.to(device, dtype if t.is_floating_point() else t.dtype, copy=True))
-    # Everything was copied: unmap the shards now. A map kept open holds the pages read
-    # through it (90 MB per 7B layer; 2.8 GB of RSS by the last layer).
-    for file in files:
-        reader.release(file)
+        assign_tensor(module, name, t)
 
 
-def source_weight(reader: ShardReader, key: str) -> torch.Tensor:
-    """A tensor as the source checkpoint stores it, copied out of its shard (then unmapped)."""
-    t = reader.get(key, transient=True).clone()
-    reader.release(reader.key_to_file[key])
-    return t
+def read_copy(reader: ShardReader, key: str, device="cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A source tensor as an owned copy (floats converted to `dtype` if given); its shard
+    is unmapped after the read.
+
+    copy=True: a same-dtype .to() would alias the shard's memory map, and writing the
+    quantized weight back would turn those pages into private memory that outlives the
+    layer (13 GB by the last layer of a 7B model). Unmapping: a map kept open holds the
+    pages read through it (90 MB per 7B layer; 2.8 GB of RSS by the last layer).
+    """
+    t = reader.get(key, transient=True)
+    reader.release(reader.key_to_file[key])  # the map goes once `t` does
+    return t.to(device, dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
 
 
 def write_back(linear: nn.Linear, tensors: dict[str, torch.Tensor], bits: int) -> None:
@@ -169,7 +167,7 @@ def _tail_memos(layer, spec: ModelSpec, hidden: torch.Tensor, name: str) -> dict
     memos, total = {}, 0
     for module, tail in spec.tails:
         linear = layer.get_submodule(tail)
-        size = TailMemo.nbytes(hidden.shape[0], hidden.shape[1], linear, hidden.dtype)
+        size = hidden.shape[0] * hidden.shape[1] * linear.in_features * hidden.element_size()
         if total + size > MEMO_MAX_BYTES:
             break
         memos[tail] = TailMemo(layer.get_submodule(module), linear, hidden.shape[0], f"{name}.{module}")
@@ -362,7 +360,7 @@ def _run_layers(model, layers, spec, reader, config, windows, work, done, device
         else:
             tensors, linear_stats = quantize_layer(
                 layer, hidden, kwargs, spec, config, device, batch, prefix, out=None if last else hidden,
-                source=lambda n, prefix=prefix: source_weight(reader, f"{prefix}.{n}.weight"),
+                source=lambda n, prefix=prefix: read_copy(reader, f"{prefix}.{n}.weight"),
             )
             stats = {"layer": i, "linears": linear_stats, "seconds": time.perf_counter() - start, **_sizes(layer, tensors, spec)}
             work.save_layer(i, tensors, stats)
