@@ -34,5 +34,12 @@ setup(
     package_data={"bluelm_quant": ["texts/*"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
+    entry_points={
+        "console_scripts": [
+            "bluelm-quantize = bluelm_quant.cli.quantize:main",
+            "bluelm-chat = bluelm_quant.cli.chat:main",
+            "bluelm-eval-ppl = bluelm_quant.cli.eval_ppl:main",
+        ],
+    },
     python_requires=">=3.10",
 )

@@ -1,13 +1,22 @@
-"""bluelm-quant: 4-bit GPTQ quantization and inference for BlueLM and LLaMA-like models."""
-from . import models  # noqa: F401  (registers BlueLM with the transformers Auto classes)
+"""bluelm-quant: 4-bit GPTQ quantization and inference for BlueLM and LLaMA-like models.
+
+Importing the package registers BlueLM with transformers' Auto classes
+(`bluelm_quant.auto.register_auto_classes`), so BlueLM directories load without
+trust_remote_code. docs/ARCHITECTURE.md maps the modules.
+"""
+from .auto import register_auto_classes
 from .chat import chat
-from .checkpoint import load_quantized, save_quantized
 from .config import QuantConfig, QuantConfigError
+from .loading import load_quantized
+from .modeldir import ModelDir
 from .nn import QuantLinear, replace_linear
-from .pipeline import RunOptions, quantize, quantize_model
+from .pipeline import Calibration, RunOptions, quantize, quantize_model
+from .saving import save_quantized
+
+register_auto_classes()
 
 __all__ = [
-    "QuantConfig", "QuantConfigError", "QuantLinear", "RunOptions", "chat", "load_quantized",
-    "quantize", "quantize_model", "replace_linear", "save_quantized",
+    "Calibration", "ModelDir", "QuantConfig", "QuantConfigError", "QuantLinear", "RunOptions", "chat",
+    "load_quantized", "quantize", "quantize_model", "register_auto_classes", "replace_linear", "save_quantized",
 ]
 __version__ = "0.1.0"

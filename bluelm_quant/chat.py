@@ -2,11 +2,11 @@
 template for other models (e.g. SmolLM2).
 
 Every turn re-encodes the whole conversation and generates with a fresh KV cache. Reusing a
-cache across turns is what breaks multi-turn chat (BLUELM.md section 5: gibberish after the first
+cache across turns is what breaks multi-turn chat (docs/BLUELM.md section 5: gibberish after the first
 turn): the re-encoded history never matches the cached tokens exactly, and stale positions or
 masks silently corrupt attention. Re-encoding costs one prefill per turn; it is always correct.
 
-BlueLM format (BLUELM.md section 3), BOS added by the tokenizer:
+BlueLM format (docs/BLUELM.md section 3), BOS added by the tokenizer:
     [|Human|]:{q1}[|AI|]:{a1}</s>[|Human|]:{q2}[|AI|]:
 """
 from __future__ import annotations
@@ -21,11 +21,13 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .models.bluelm import chat_format
+from .models.bluelm.chat_format import AI, HUMAN
+from .placement import model_device
+
 log = logging.getLogger(__name__)
 
-HUMAN = "[|Human|]:"
-AI = "[|AI|]:"
-# BLUELM.md demo defaults. top_p / top_k / temperature only apply when do_sample=True.
+# docs/BLUELM.md demo defaults. top_p / top_k / temperature only apply when do_sample=True.
 DEFAULT_GENERATION = dict(max_new_tokens=512, do_sample=False, repetition_penalty=1.1, top_p=0.8, top_k=50,
                           temperature=1.0)
 SAMPLING_ONLY = ("top_p", "top_k", "temperature")
@@ -60,8 +62,7 @@ def context_length(model) -> int:
 
 def bluelm_prompt(query: str, history: History = ()) -> str:
     """The BlueLM chat prompt text, without BOS (the tokenizer adds it)."""
-    turns = "".join(f"{HUMAN}{q}{AI}{a}</s>" for q, a in history)
-    return f"{turns}{HUMAN}{query}{AI}"
+    return chat_format.prompt(query, history)
 
 
 def _require_single_token(tokenizer, token: str) -> int:
@@ -148,7 +149,7 @@ def _start(model, tokenizer, query, history, generation, on_notice):
     if prompt.notice:
         (on_notice or log.warning)(prompt.notice)
     kwargs["max_new_tokens"] = prompt.max_new_tokens
-    device = next(model.parameters()).device
+    device = model_device(model)
     input_ids = torch.tensor([prompt.input_ids], device=device)
     kwargs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
     return prompt, kwargs

@@ -30,6 +30,8 @@ from typing import Callable, Iterable, Sequence, Union
 
 import torch
 
+from .models.bluelm import chat_format
+
 TEXTS_DIR = Path(__file__).resolve().parent / "texts"
 LANGS = ("en", "zh")
 
@@ -226,16 +228,11 @@ def _record_formatter(src: Source, path: Path, first: dict, tokenizer):
     return fmt_preset
 
 
-def bluelm_chat(prompt: str, response: str) -> str:
-    """One BlueLM chat turn: [|Human|]:{q}[|AI|]:{a}</s> (BOS is the tokenizer's job)."""
-    return f"[|Human|]:{prompt}[|AI|]:{response}</s>"
-
-
 def _chat_formatter(chat: ChatFormat, tokenizer, path: Path):
     if chat is None or callable(chat):
         return chat
     if chat == "bluelm":
-        return bluelm_chat
+        return chat_format.turn  # BOS is the tokenizer's job
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise CalibrationDataError(
             f"{path}: chat='template' needs a tokenizer with a chat_template; "

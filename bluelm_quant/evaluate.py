@@ -17,12 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
-def model_device(model) -> torch.device:
-    """The device of the model's first parameter or buffer (QuantLinear keeps buffers)."""
-    for tensor in list(model.parameters())[:1] + list(model.buffers())[:1]:
-        return tensor.device
-    return torch.device("cpu")
+from .placement import model_device
 
 
 def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
+from .placement import model_device
+
 
 @dataclass
 class GenerationStats:
@@ -43,13 +45,6 @@ class GenerationStats:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def model_device(model) -> torch.device:
-    """Where activations live (CPUEmbedding tables are buffers, so parameters tell)."""
-    for p in model.parameters():
-        return p.device
-    return next(model.buffers()).device
 
 
 class Generator:
@@ -111,4 +106,4 @@ class Generator:
         return GenerationStats(tokens, prompt_len, new_tokens, t1 - t0, t2 - t1)
 
 
-__all__ = ["GenerationStats", "Generator", "model_device"]
+__all__ = ["GenerationStats", "Generator"]

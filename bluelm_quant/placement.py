@@ -161,6 +161,16 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row, scales {self.weight_scale.dtype}"
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's activations go: its first parameter's device. A CPUEmbedding's table is
+    a buffer on the CPU, so buffers only count for a model without parameters."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
 def tensor_bytes(model: nn.Module, device_type: str) -> int:
     """Bytes of distinct parameter/buffer storages on devices of `device_type` (shared ones once)."""
     seen, total = set(), 0

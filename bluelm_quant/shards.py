@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import zipfile
 from collections import defaultdict
 
@@ -45,6 +46,7 @@ class ShardReader:
         self._transient: dict[str, object] = {}
         self.remap_bytes = remap_bytes
         self._read_since_open: dict[str, int] = defaultdict(int)
+        self._headers: dict[str, dict] = {}
         self.key_to_file = self._discover()
 
     def _discover(self) -> dict[str, str]:
@@ -103,8 +105,43 @@ class ShardReader:
             ) from None
 
     def _file_keys(self, file: str) -> list[str]:
-        h = self._handle(file)
-        return list(h.keys())
+        if file.endswith(".safetensors"):
+            return list(self._header(file))
+        return list(self._handle(file).keys())
+
+    def _header(self, file: str) -> dict:
+        """A safetensors file's header ({name: {"dtype", "shape", ...}}), read without mapping
+        the file: shape and dtype queries must not keep a shard's pages mapped."""
+        if file not in self._headers:
+            path = self._path(file)
+            try:
+                with open(path, "rb") as f:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    if size > os.path.getsize(path) - 8:
+                        raise ValueError(f"header length {size} exceeds the file")
+                    header = json.loads(f.read(size))
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
+            except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(
+                    f"cannot read {path}: {e}. The file is truncated or corrupt; re-download or re-create it"
+                ) from None
+            header.pop("__metadata__", None)
+            self._headers[file] = header
+        return self._headers[file]
+
+    def _entry(self, key: str) -> tuple[str, dict | None]:
+        file = self.key_to_file.get(key)
+        if file is None:
+            raise CheckpointError(f"tensor {key!r} is not in the checkpoint at {self.directory}")
+        if not file.endswith(".safetensors"):
+            return file, None
+        entry = self._header(file).get(key)
+        if not isinstance(entry, dict):
+            raise CheckpointError(
+                f"tensor {key!r} is not in {self._path(file)}; the index and the shard disagree or the file is corrupt"
+            )
+        return file, entry
 
     # --- public -----------------------------------------------------------------------
 
@@ -150,25 +187,20 @@ class ShardReader:
 
     def dtype(self, key: str) -> torch.dtype:
         """Stored dtype of a tensor, from the header (nothing is read)."""
-        file = self.key_to_file.get(key)
-        if file is None:
-            raise CheckpointError(f"tensor {key!r} is not in the checkpoint at {self.directory}")
-        h = self._handle(file)
-        if file.endswith(".safetensors"):
-            name = h.get_slice(key).get_dtype()
-            if name not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"tensor {key!r} in {self._path(file)} has dtype {name}, which no model layer uses")
-            return SAFETENSORS_DTYPES[name]
-        return h[key].dtype
+        file, entry = self._entry(key)
+        if entry is None:
+            return self._handle(file)[key].dtype
+        name = entry.get("dtype")
+        if name not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {key!r} in {self._path(file)} has dtype {name}, which no model layer uses")
+        return SAFETENSORS_DTYPES[name]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        file = self.key_to_file.get(key)
-        if file is None:
-            raise CheckpointError(f"tensor {key!r} is not in the checkpoint at {self.directory}")
-        h = self._handle(file)
-        if file.endswith(".safetensors"):
-            return tuple(h.get_slice(key).get_shape())
-        return tuple(h[key].shape)
+        """Stored shape of a tensor, from the header (nothing is read)."""
+        file, entry = self._entry(key)
+        if entry is None:
+            return tuple(self._handle(file)[key].shape)
+        return tuple(entry.get("shape", ()))
 
     def release(self, file: str) -> None:
         """Drop a file's handle so its pages can be reclaimed (shard-by-shard loading)."""

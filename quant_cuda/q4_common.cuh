@@ -1,6 +1,6 @@
 // Shared helpers of the 4-bit CUDA kernels: dtype conversion, nibble unpacking, loads.
 //
-// Everything here is __host__ __device__ so that tools/check_q4_index.cu can run the
+// Everything here is __host__ __device__ so that tools/check_q4_kernels.cu can run the
 // exact same per-thread code on the CPU (there is no GPU on the build machines). On the
 // device the loads use cache hints; on the host they are plain memcpy reads.
 #pragma once
@@ -119,44 +119,26 @@ Q4_HD uint4 load_stream16(const int32_t* p) {
 #endif
 }
 
-// x, scales, zeros, perm: re-read by every column tile, so they go through the read-only
-// (L1-cached) path.
-Q4_HD uint4 load_ro16(const void* p) {
+// x, scales, zeros, perm, bias: re-read by every column tile, so they go through the
+// read-only (L1-cached) path. T is uint4, uint2, uint32_t or uint16_t (the __ldg overloads).
+template <class T>
+Q4_HD T load_ro(const void* p) {
 #ifdef __CUDA_ARCH__
-  return __ldg(static_cast<const uint4*>(p));
+  return __ldg(static_cast<const T*>(p));
 #else
-  uint4 v;
-  std::memcpy(&v, p, 16);
+  T v;
+  std::memcpy(&v, p, sizeof(T));
   return v;
 #endif
 }
 
-Q4_HD uint2 load_ro8(const void* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(static_cast<const uint2*>(p));
-#else
-  uint2 v;
-  std::memcpy(&v, p, 8);
-  return v;
-#endif
-}
-
-Q4_HD uint32_t load_ro4(const void* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(static_cast<const unsigned int*>(p));
-#else
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-#endif
-}
-
-Q4_HD uint16_t load_ro2(const uint16_t* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(reinterpret_cast<const unsigned short*>(p));
-#else
-  return *p;
-#endif
+// Part `part` of `total` items split into `parts` contiguous ranges: [begin, end), empty
+// when part * chunk >= total. int, not int64_t: 64-bit indices cost two registers each, and
+// registers decide how many blocks share an SM (the launchers check the sizes fit).
+Q4_HD void split_range(int total, int parts, int part, int& begin, int& end) {
+  const int chunk = (total + parts - 1) / parts;
+  begin = part * chunk < total ? part * chunk : total;
+  end = begin + chunk < total ? begin + chunk : total;
 }
 
 // The group constants of 4 consecutive columns col0..col0+3 (col0 % 4 == 0, so the four
@@ -164,8 +146,8 @@ Q4_HD uint16_t load_ro2(const uint16_t* p) {
 template <class D>
 Q4_HD void load_group(const int32_t* qzeros, const uint16_t* scales, int64_t N, int64_t g,
                       int64_t col0, GroupConst& gc) {
-  const uint2 sv = load_ro8(scales + g * N + col0);
-  const uint32_t zw = load_ro4(qzeros + g * (N / 8) + col0 / 8) >> (4 * (col0 & 7));
+  const uint2 sv = load_ro<uint2>(scales + g * N + col0);
+  const uint32_t zw = load_ro<uint32_t>(qzeros + g * (N / 8) + col0 / 8) >> (4 * (col0 & 7));
   float s[4];
   D::pair(sv.x, s[0], s[1]);
   D::pair(sv.y, s[2], s[3]);

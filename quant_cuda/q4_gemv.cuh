@@ -73,24 +73,15 @@ struct GemvConfig {
   static constexpr int kUnroll = !kAligned ? 2 : (MT == 1 ? 8 : (MT == 2 ? 4 : 2));
 };
 
-// The contiguous slab range [begin, end) of K-lane `kl`; empty when kl * chunk >= S.
-// Slab and group indices are 32-bit (K <= 2^30, checked by the launcher): 64-bit ones
-// cost two registers each, and registers decide how many blocks share an SM.
-Q4_HD void lane_slabs(int S, int k_lanes, int kl, int& begin, int& end) {
-  const int chunk = (S + k_lanes - 1) / k_lanes;
-  begin = kl * chunk < S ? kl * chunk : S;
-  end = begin + chunk < S ? begin + chunk : S;
-}
-
 // The 8 activations of one x row for qweight rows 8*slab .. 8*slab+7, packed 16-bit.
 // kGather: act-order (x[perm[r]]) or an x that is not 16-byte aligned; otherwise one
 // 16-byte load (rows stay aligned because K % 8 == 0).
 template <bool kGather>
 Q4_HD uint4 load_x8(const GemvArgs& a, const uint16_t* row, int slab) {
-  if (!kGather) return load_ro16(row + 8 * slab);
+  if (!kGather) return load_ro<uint4>(row + 8 * slab);
   int32_t idx[8];
   if (a.perm != nullptr) {  // act-order: row r of qweight holds input row perm[r]
-    const uint4 p0 = load_ro16(a.perm + 8 * slab), p1 = load_ro16(a.perm + 8 * slab + 4);
+    const uint4 p0 = load_ro<uint4>(a.perm + 8 * slab), p1 = load_ro<uint4>(a.perm + 8 * slab + 4);
     idx[0] = int32_t(p0.x), idx[1] = int32_t(p0.y), idx[2] = int32_t(p0.z), idx[3] = int32_t(p0.w);
     idx[4] = int32_t(p1.x), idx[5] = int32_t(p1.y), idx[6] = int32_t(p1.z), idx[7] = int32_t(p1.w);
   } else {  // x not 16-byte aligned (an unusual view): same rows, scalar loads
@@ -100,7 +91,7 @@ Q4_HD uint4 load_x8(const GemvArgs& a, const uint16_t* row, int slab) {
   uint32_t w[4];
 #pragma unroll
   for (int p = 0; p < 4; ++p)
-    w[p] = uint32_t(load_ro2(row + idx[2 * p])) | (uint32_t(load_ro2(row + idx[2 * p + 1])) << 16);
+    w[p] = uint32_t(load_ro<uint16_t>(row + idx[2 * p])) | (uint32_t(load_ro<uint16_t>(row + idx[2 * p + 1])) << 16);
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
@@ -177,7 +168,7 @@ Q4_HD void thread_partial(const GemvArgs& a, int64_t col0, int kl, int64_t m0, f
     for (int c = 0; c < 4; ++c) acc[m][c] = 0.0f;
   if (col0 >= a.N) return;  // N % 4 == 0: a column thread is entirely in or out
   int sb, se;
-  lane_slabs(int(a.K / 8), GemvShape<kThreads>::kKLanes, kl, sb, se);
+  split_range(int(a.K / 8), GemvShape<kThreads>::kKLanes, kl, sb, se);  // K <= 2^30: the launcher checks
   if (sb >= se) return;
   const int64_t mrows = a.M - m0 < MT ? a.M - m0 : MT;
   const uint16_t* xrow = a.x + m0 * a.K;
@@ -228,7 +219,7 @@ template <class D>
 Q4_HD uint16_t finish_output(const float* partials, int stride, int warps, const uint16_t* bias, int64_t n) {
   float v = 0.0f;
   for (int w = 0; w < warps; ++w) v += partials[w * stride];
-  if (bias != nullptr) v += D::to_float(load_ro2(bias + n));
+  if (bias != nullptr) v += D::to_float(load_ro<uint16_t>(bias + n));
   return D::from_float(v);
 }
 

@@ -60,8 +60,8 @@ struct MmaGroup {
 
 template <class D>
 Q4_HD void load_mma_group(const GemvArgs& a, int grp, int64_t col0, MmaGroup& mg) {
-  const uint2 sv = load_ro8(a.scales + int64_t(grp) * a.N + col0);
-  const uint32_t zw = load_ro4(a.qzeros + int64_t(grp) * (a.N / 8) + col0 / 8) >> (4 * (col0 & 7));
+  const uint2 sv = load_ro<uint2>(a.scales + int64_t(grp) * a.N + col0);
+  const uint32_t zw = load_ro<uint32_t>(a.qzeros + int64_t(grp) * (a.N / 8) + col0 / 8) >> (4 * (col0 & 7));
   const uint32_t s[4] = {sv.x & 0xffffu, sv.x >> 16, sv.y & 0xffffu, sv.y >> 16};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -146,13 +146,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 #endif
 }
 
-// The step range [begin, end) of warp w.
-Q4_HD void warp_steps(int steps, int warps, int w, int& begin, int& end) {
-  const int chunk = (steps + warps - 1) / warps;
-  begin = w * chunk < steps ? w * chunk : steps;
-  end = begin + chunk < steps ? begin + chunk : steps;
-}
-
 // grid = (ceil(N / 32), ceil(M / MT)); block = 512. Requires K % 32 == 0, group_size % 8 == 0.
 template <class D, int MT, bool kGather>
 __global__ void __launch_bounds__(MmaConfig<MT, kGather>::kThreads) mma_4bit_kernel(const GemvArgs a) {
@@ -173,7 +166,7 @@ __global__ void __launch_bounds__(MmaConfig<MT, kGather>::kThreads) mma_4bit_ker
   for (int i = 0; i < 4; ++i) d[i][0] = d[i][1] = d[i][2] = d[i][3] = 0.0f;
 
   int sb, se;
-  warp_steps(int(a.K / 32), C::kWarps, warp, sb, se);
+  split_range(int(a.K / 32), C::kWarps, warp, sb, se);
   const int spg = int(a.group_size / 8);
   int g_next = 0;  // first slab past the loaded group; 0 forces a load at the first slab
   MmaGroup mg;

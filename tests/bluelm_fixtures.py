@@ -12,7 +12,7 @@ import tempfile
 import sentencepiece as spm
 import torch
 
-import bluelm_quant.models.bluelm  # noqa: F401  (registers BlueLM with the Auto classes)
+import bluelm_quant  # noqa: F401  (registers BlueLM with the Auto classes)
 from bluelm_quant.models.bluelm import BlueLMConfig, BlueLMForCausalLM
 
 CORPUS = os.path.join(os.path.dirname(__file__), "data", "bluelm_tokenizer_corpus.txt")

@@ -19,7 +19,7 @@ def _seed():
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny models and small serial linear algebra: on the shared 2-core
-    machine a second torch thread only adds contention (BUILD.md measured up to 50x slower).
+    machine a second torch thread only adds contention (docs/BUILD.md measured up to 50x slower).
     Opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)

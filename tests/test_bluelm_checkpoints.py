@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from bluelm_fixtures import REMOTE_AUTO_MAP, SP_VOCAB, tiny_model, trained_sp_model
 from bluelm_quant import hf
-from bluelm_quant.checkpoint import load_quantized
+from bluelm_quant.loading import load_quantized
 from bluelm_quant.config import QuantConfig
 from bluelm_quant.hf import is_quantized_dir, load_model_and_tokenizer, tokenizer_vocab_mismatch
 from bluelm_quant.models.bluelm import BlueLMConfig, BlueLMForCausalLM, BlueLMTokenizerError

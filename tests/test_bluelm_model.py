@@ -1,5 +1,5 @@
 """BlueLM modeling checked without real weights: against transformers' LLaMA, against the
-BLUELM.md formulas, cache vs full forward, and load paths without trust_remote_code."""
+docs/BLUELM.md formulas, cache vs full forward, and load paths without trust_remote_code."""
 import json
 import math
 import os
@@ -8,15 +8,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import bluelm_quant.models.bluelm  # noqa: F401  (registers BlueLM)
+import bluelm_quant  # noqa: F401  (registers BlueLM with the Auto classes)
 from bluelm_fixtures import REMOTE_AUTO_MAP, add_remote_auto_map, tiny_config, tiny_model
-from bluelm_quant.models.bluelm import (
-    BlueLMConfig,
-    BlueLMConfigError,
-    BlueLMForCausalLM,
-    CheckpointVocabError,
-    bluelm_vocab_rows_from_checkpoint,
-)
+from bluelm_quant.modeldir import ModelDir
+from bluelm_quant.models.bluelm import BlueLMConfig, BlueLMConfigError, BlueLMForCausalLM
+from bluelm_quant.shards import CheckpointError
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -31,7 +27,7 @@ def llama_twin(model: BlueLMForCausalLM) -> LlamaForCausalLM:
 
 
 def stable_embedding(model: BlueLMForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    """BLUELM.md: LayerNorm with weight and bias, eps = rms_norm_eps, right after embed_tokens."""
+    """docs/BLUELM.md: LayerNorm with weight and bias, eps = rms_norm_eps, right after embed_tokens."""
     x = model.model.embed_tokens.weight[ids].double()
     ln = model.model.embed_layer_norm
     mean = x.mean(-1, keepdim=True)
@@ -74,7 +70,7 @@ def test_rmsnorm_fp32_variance_and_weight_dtype():
     out = norm(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    # BLUELM.md: the normalized value is cast to the *weight* dtype (LLaMA casts to the input's).
+    # docs/BLUELM.md: the normalized value is cast to the *weight* dtype (LLaMA casts to the input's).
     out = norm(xf)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -227,7 +223,7 @@ def test_vocab_rows_come_from_checkpoint(tmp_path):
     config = json.loads(path.read_text())
     config["vocab_size"] = 800  # what the published config says vs. what the tensors hold
     path.write_text(json.dumps(config))
-    assert bluelm_vocab_rows_from_checkpoint(tmp_path) == 704
+    assert ModelDir(tmp_path).embedding_rows == 704
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.config.vocab_size == 704
     ids = torch.randint(0, 704, (1, 7))
@@ -238,13 +234,14 @@ def test_vocab_rows_sharded_and_torch_bin(tmp_path):
     model = tiny_model(**SHAPE)
     model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    assert bluelm_vocab_rows_from_checkpoint(tmp_path / "sharded") == 704
-    (tmp_path / "bin").mkdir()
+    assert ModelDir(tmp_path / "sharded").embedding_rows == 704
+    model.config.save_pretrained(tmp_path / "bin")
     state = dict(model.state_dict())
     torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
-    assert bluelm_vocab_rows_from_checkpoint(tmp_path / "bin") == 704
+    assert ModelDir(tmp_path / "bin").embedding_rows == 704
     state["lm_head.weight"] = state["lm_head.weight"][:700]
     torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
-    with pytest.raises(CheckpointVocabError, match="704 rows but lm_head.weight"):
-        bluelm_vocab_rows_from_checkpoint(tmp_path / "bin")
-    assert bluelm_vocab_rows_from_checkpoint(tmp_path / "missing") is None
+    with pytest.raises(CheckpointError, match="704 rows but lm_head.weight"):
+        ModelDir(tmp_path / "bin").embedding_rows
+    with pytest.raises(CheckpointError, match="not a directory"):
+        ModelDir(tmp_path / "missing")

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from bluelm_fixtures import SP_VOCAB, make_tiny_bluelm_dir, reference_greedy, tiny_config
 from bluelm_quant.chat import ChatError, chat, encode_prompt
-from bluelm_quant.checkpoint import load_quantized
+from bluelm_quant.loading import load_quantized
 from bluelm_quant.hf import load_model_and_tokenizer
 from bluelm_quant.models import BLUELM, spec_for
 from bluelm_quant.models.bluelm import BlueLMForCausalLM

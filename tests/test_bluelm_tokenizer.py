@@ -6,7 +6,7 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-import bluelm_quant.models.bluelm  # noqa: F401  (registers BlueLM)
+import bluelm_quant  # noqa: F401  (registers BlueLM with the Auto classes)
 from bluelm_fixtures import SP_VOCAB, make_tiny_bluelm_dir, trained_sp_model, write_tokenizer_dir
 from bluelm_quant.models.bluelm import BlueLMTokenizer, BlueLMTokenizerError
 

@@ -1,4 +1,4 @@
-"""Chat on a tiny random BlueLM: the multi-turn bug class of BLUELM.md section 5, stop tokens,
+"""Chat on a tiny random BlueLM: the multi-turn bug class of docs/BLUELM.md section 5, stop tokens,
 context trimming, streaming, the chat-template path, and tools/chat.py through stdin."""
 import os
 import subprocess
@@ -38,7 +38,7 @@ def test_second_turn_prompt_is_the_documented_format(model_and_tokenizer):
 
 
 def test_second_turn_equals_fresh_greedy_decode(model_and_tokenizer):
-    """The BLUELM.md section 5 bug class: turn 2 must not depend on anything left over from turn 1
+    """The docs/BLUELM.md section 5 bug class: turn 2 must not depend on anything left over from turn 1
     (KV cache, positions, attention mask) - only on the re-encoded conversation."""
     model, tok = model_and_tokenizer
     reply1, history = chat(model, tok, "Tell me about the river.", **GREEDY)

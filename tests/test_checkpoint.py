@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from bluelm_quant.checkpoint import load_quantized, save_quantized
+from bluelm_quant.loading import load_quantized
+from bluelm_quant.saving import save_quantized
 from bluelm_quant.config import QuantConfig, QuantConfigError
 from bluelm_quant.nn import QuantLinear, replace_linear
 from bluelm_quant.packing import pack_qweight, pack_qzeros
@@ -196,12 +197,12 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError):
         save_quantized(model, out, config)
     os.rmdir(out)
-    import bluelm_quant.checkpoint as ckpt
+    import bluelm_quant.saving as saving
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "write_json", boom)
+    monkeypatch.setattr(saving, "write_json", boom)
     with pytest.raises(OSError, match="disk full"):
         save_quantized(model, out, config)
     assert not os.path.exists(out)

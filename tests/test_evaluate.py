@@ -142,7 +142,7 @@ def test_eval_ppl_tool_full_precision_and_quantized(model, tok, tmp_path, capsys
     # A 4-bit directory is loaded through load_quantized and scores like the in-memory model.
     import copy
 
-    from bluelm_quant.checkpoint import save_quantized
+    from bluelm_quant.saving import save_quantized
     from bluelm_quant.config import QuantConfig
     from bluelm_quant.nn import replace_linear
 

@@ -12,7 +12,9 @@ import torch
 
 import bluelm_quant.placement as placement
 from bluelm_quant import ops
-from bluelm_quant.checkpoint import _Plan, _oom_message, load_quantized, save_quantized
+from bluelm_quant.loading import LoadPlan, Placement, load_quantized, oom_message
+from bluelm_quant.modeldir import ModelDir
+from bluelm_quant.saving import save_quantized
 from bluelm_quant.config import QuantConfig
 from bluelm_quant.generate import Generator
 from bluelm_quant.nn import QuantLinear, replace_linear
@@ -175,17 +177,18 @@ def test_dtype_the_device_cannot_run(saved, monkeypatch):
 
 def test_out_of_memory_message_names_sizes_and_remedies(saved):
     model, path = saved["llama"]
-    reader = ShardReader(path)
+    model_dir = ModelDir(path)
+    reader = model_dir.reader
     skeleton = load_quantized(path, dtype=torch.float16)
-    plan = _Plan(skeleton, reader, [], torch.float16, torch.device("cpu"), False, 16)
-    total = plan.device_bytes(reader, reader.keys())
+    plan = LoadPlan(skeleton, model_dir, [], Placement(torch.device("cpu"), torch.float16))
+    total = plan.device_bytes(reader.keys())
     fp16_bytes = sum(t.numel() * (2 if t.is_floating_point() else 4) for t in model.state_dict().values())
     assert total == fp16_bytes
     embed = model.model.embed_tokens.weight.numel() * 2
-    plan_cpu = _Plan(skeleton, reader, [], torch.float16, torch.device("cpu"), True, 8)
+    plan_cpu = LoadPlan(skeleton, model_dir, [], Placement(torch.device("cpu"), torch.float16, embed_on_cpu=True, lm_head_bits=8))
     head = model.lm_head.weight
-    assert plan_cpu.device_bytes(reader, reader.keys()) == total - embed - head.numel() + head.shape[0] * 2
-    msg = _oom_message(path, plan, 5 * 1024**3, 4 * 1024**3, free=1024**3, total=8 * 1024**3)
+    assert plan_cpu.device_bytes(reader.keys()) == total - embed - head.numel() + head.shape[0] * 2
+    msg = oom_message(path, plan, 5 * 1024**3, 4 * 1024**3, free=1024**3, total=8 * 1024**3)
     assert "needs about 5.00 GiB" in msg and "4.00 GiB of it loaded" in msg and "1.00 GiB of 8.00 GiB are free" in msg
     assert "embed_on_cpu=True" in msg and "device='cpu'" in msg
 

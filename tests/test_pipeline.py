@@ -8,8 +8,11 @@ import time
 import pytest
 import torch
 
+import bluelm_quant.layer_job as layer_job
 import bluelm_quant.pipeline as pipeline
-from bluelm_quant.checkpoint import load_quantized
+from bluelm_quant.gptq import GPTQ
+from bluelm_quant.layer_job import LayerJob
+from bluelm_quant.loading import load_quantized
 from bluelm_quant.config import QuantConfig
 from bluelm_quant.models import UnsupportedModelError
 from bluelm_quant.nn import QuantLinear
@@ -71,7 +74,7 @@ def test_resume_after_a_crash_is_bit_identical(fp_dir, tmp_path, monkeypatch):
     quantize_model(fp_dir, straight, CONFIG, windows(), RunOptions(progress=False))
 
     out = str(tmp_path / "resumed")
-    real = pipeline.quantize_layer
+    real = LayerJob.quantize
     calls = []
 
     def crash_on_third(*args, **kwargs):
@@ -80,10 +83,10 @@ def test_resume_after_a_crash_is_bit_identical(fp_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "quantize_layer", crash_on_third)
+    monkeypatch.setattr(LayerJob, "quantize", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         quantize_model(fp_dir, out, CONFIG, windows(), RunOptions(progress=False))
-    monkeypatch.setattr(pipeline, "quantize_layer", real)
+    monkeypatch.setattr(LayerJob, "quantize", real)
     assert not os.path.exists(out)  # nothing that looks complete
     assert sorted(os.listdir(out + ".partial/layers")) == ["layer_0000.safetensors", "layer_0001.safetensors"]
     with pytest.raises(FileExistsError, match="--resume"):
@@ -105,7 +108,7 @@ def test_replaying_tail_linears_changes_nothing(fp_dir, tmp_path, monkeypatch, s
     monkeypatch.setattr(pipeline, "TOKENS_PER_BATCH", 5 * 64)  # batches of 5, 5, 5 and 1 windows
     memo = str(tmp_path / "memo")
     quantize_model(fp_dir, memo, config, windows(), RunOptions(progress=False))
-    monkeypatch.setattr(pipeline, "MEMO_MAX_BYTES", 0)  # nothing fits: every pass runs the whole layer
+    monkeypatch.setattr(layer_job, "MEMO_MAX_BYTES", 0)  # nothing fits: every pass runs the whole layer
     full = str(tmp_path / "full")
     quantize_model(fp_dir, full, config, windows(), RunOptions(progress=False))
     assert_same_checkpoint(memo, full)
@@ -131,16 +134,15 @@ def test_source_shards_are_unmapped_once_a_layer_is_loaded(tmp_path, monkeypatch
 
     with open(os.path.join(fp_dir, "model.safetensors.index.json")) as f:
         weight_map = json.load(f)["weight_map"]
-    real, seen = pipeline.quantize_layer, {}
+    real, seen = LayerJob.quantize, {}
 
-    def spy(*args, **kwargs):
+    def spy(job, *args, **kwargs):
         with open("/proc/self/maps") as f:
             mapped = {os.path.basename(line.split()[-1]) for line in f if fp_dir in line}
-        name = args[7]
-        seen[name] = (mapped, {v for k, v in weight_map.items() if k.startswith(name + ".")})
-        return real(*args, **kwargs)
+        seen[job.name] = (mapped, {v for k, v in weight_map.items() if k.startswith(job.name + ".")})
+        return real(job, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "quantize_layer", spy)
+    monkeypatch.setattr(LayerJob, "quantize", spy)
     quantize_model(fp_dir, str(tmp_path / "q"), CONFIG, windows(), RunOptions(progress=False))
     assert len(seen) == 4
     for name, (mapped, own) in seen.items():
@@ -151,8 +153,8 @@ def test_gptq_matches_the_checkpoint_weights_not_their_bf16_forward_copy(fp_dir,
     """Layers run in bf16 on CPUs with native bf16; the solver must still see the fp32 source."""
     from safetensors.torch import load_file
 
-    real, seen = pipeline.GPTQ.quantize, []
-    monkeypatch.setattr(pipeline.GPTQ, "quantize", lambda self, weight, *a, **k: seen.append(weight.clone()) or real(self, weight, *a, **k))
+    real, seen = GPTQ.quantize, []
+    monkeypatch.setattr(GPTQ, "quantize", lambda self, weight, *a, **k: seen.append(weight.clone()) or real(self, weight, *a, **k))
     quantize_model(fp_dir, str(tmp_path / "q"), CONFIG, windows(), RunOptions(progress=False, dtype=torch.bfloat16))
     source = {}
     for f in os.listdir(fp_dir):

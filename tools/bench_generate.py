@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 GIB = 1024**3
 
@@ -35,7 +34,7 @@ def load(kind: str, args):
     import torch
 
     from bluelm_quant import models  # noqa: F401  (BlueLM in the Auto classes)
-    from bluelm_quant.checkpoint import load_quantized
+    from bluelm_quant.loading import load_quantized
 
     dtype = getattr(torch, args.dtype)
     if kind == "quant" or args.fp == "dequant":

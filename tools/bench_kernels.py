@@ -18,15 +18,13 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bluelm_quant import ops  # noqa: E402
+from bluelm_quant import ops
 
 SHAPES = "4096x4096,4096x11008,11008x4096,4096x12288"  # K x N: q/k/v/o, gate/up, down, fused qkv
 CUDA_M = "1,2,4,8,16,32,64,128,512,2048"

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 GIB = 1024**3
 DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "auto": None}
@@ -54,7 +53,7 @@ def child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from bluelm_quant.checkpoint import load_quantized
+    from bluelm_quant.loading import load_quantized
     from bluelm_quant.nn import QuantLinear
     from bluelm_quant.placement import tensor_bytes
 

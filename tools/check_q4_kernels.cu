@@ -164,7 +164,7 @@ void run_mma(Layer& L) {
       for (int warp = 0; warp < C::kWarps; ++warp) {
         float d[32][4][4] = {};
         int sb, se;
-        warp_steps(int(L.K / 32), C::kWarps, warp, sb, se);
+        split_range(int(L.K / 32), C::kWarps, warp, sb, se);
         const int spg = int(L.gs / 8);
         int g_next[32] = {};
         MmaGroup mg[32];

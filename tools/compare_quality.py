@@ -18,16 +18,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from bluelm_quant.config import QuantConfig  # noqa: E402
-from bluelm_quant.data import heldout_text  # noqa: E402
-from bluelm_quant.evaluate import perplexity  # noqa: E402
-from bluelm_quant.hf import load_model_and_tokenizer  # noqa: E402
-from bluelm_quant.nn import replace_linear  # noqa: E402
-from bluelm_quant.pipeline import RunOptions, quantize  # noqa: E402
+from bluelm_quant.config import QuantConfig
+from bluelm_quant.data import heldout_text
+from bluelm_quant.evaluate import perplexity
+from bluelm_quant.hf import load_model_and_tokenizer
+from bluelm_quant.nn import replace_linear
+from bluelm_quant.pipeline import Calibration, RunOptions, quantize
 
 LANGS = ("en", "zh")
 
@@ -74,7 +72,7 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 out = os.path.join(tmp, "q")
-                quantize(args.model, out, config, nsamples=args.nsamples, seqlen=args.seqlen, opts=RunOptions(progress=False))
+                quantize(args.model, out, config, Calibration(nsamples=args.nsamples, seqlen=args.seqlen), RunOptions(progress=False))
                 seconds = time.perf_counter() - start
                 model, _ = load_model_and_tokenizer(out, dtype=torch.float32)
                 rows.append({"method": "gptq", "group_size": gs, "act_order": act, "seconds": round(seconds, 1),

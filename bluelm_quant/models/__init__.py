@@ -1,9 +1,13 @@
 """Model families as small data descriptions, and their registry.
 
 A family says where the decoder layers are, which modules run before them, and the
-groups of Linear layers in forward order - the Linears of one group read the same input (for true-sequential GPTQ: each group is
-quantized after the groups before it, so it sees their quantized outputs). Adding a
-LLaMA-like family is a few lines: a ModelSpec and an entry in FAMILIES.
+groups of Linear layers in forward order. The Linears of one group read the same input;
+in true-sequential GPTQ each group is quantized after the groups before it, so it sees
+their quantized outputs. Adding a LLaMA-like family is a few lines: a ModelSpec and an
+entry in FAMILIES.
+
+Nothing in models/ imports the rest of bluelm_quant: the package depends on the model
+families, never the other way round (tests/test_structure.py checks it).
 """
 from __future__ import annotations
 
@@ -20,6 +24,15 @@ class ModelSpec:
     # (module, Linear) pairs where the module's output is that Linear applied to its input
     # (plus outputs the layer drops): later passes replay the Linear instead (memo.py).
     tails: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Every quantized Linear of a decoder layer (relative names), in forward order."""
+        return tuple(n for group in self.sequential for n in group)
+
+    def layer_name(self, index: int) -> str:
+        """The qualified name of decoder layer `index` ("model.layers.7")."""
+        return f"{self.layers}.{index}"
 
 
 LLAMA_SEQUENTIAL = (
@@ -56,7 +69,7 @@ class UnsupportedModelError(ValueError):
 
 
 def spec_for(config) -> ModelSpec:
-    """The family spec for a transformers config (by model_type)."""
+    """The family spec for anything with a `model_type` (a transformers config, a ModelDir)."""
     model_type = getattr(config, "model_type", None)
     for spec in FAMILIES:
         if model_type in spec.model_types:
@@ -68,5 +81,3 @@ def spec_for(config) -> ModelSpec:
         "ModelSpec naming its decoder-layer list and Linear groups to bluelm_quant/models/__init__.py"
     )
 
-
-from . import bluelm  # noqa: E402,F401  (registers BlueLM with the transformers Auto classes)

@@ -16,7 +16,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "ntkmixed")
 # Keys each variant accepts besides the bookkeeping ones transformers adds.
 _ROPE_KEYS = {"default": set(), "linear": {"factor"}, "dynamic": {"factor"}, "ntkmixed": {"factor", "power"}}
 _ROPE_BOOKKEEPING = {"type", "rope_type", "rope_theta"}
-# ntkmixed precomputes cos/sin over this many positions per unit of factor (BLUELM.md section 2).
+# ntkmixed precomputes cos/sin over this many positions per unit of factor (docs/BLUELM.md section 2).
 NTKMIXED_BASE_POSITIONS = 2048
 
 

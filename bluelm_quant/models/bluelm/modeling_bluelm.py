@@ -7,12 +7,7 @@ BlueLM-specific parts here. State-dict names match the published checkpoints.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
-import logging
 import math
-import os
 
 import torch
 from torch import nn
@@ -29,10 +24,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .checkpoint_vocab import bluelm_vocab_rows_from_checkpoint
 from .configuration_bluelm import BlueLMConfig
-
-logger = logging.getLogger(__name__)
 
 
 class BlueLMRMSNorm(nn.Module):
@@ -177,42 +169,6 @@ class BlueLMPreTrainedModel(PreTrainedModel):
             init.copy_(module.original_inv_freq, inv_freq)
         else:
             super()._init_weights(module)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
-        """transformers' from_pretrained, with vocab_size taken from the checkpoint's embedding rows.
-
-        Published configs say 100096 while some checkpoints hold 100008 rows (BLUELM.md section 1);
-        a shape mismatch would otherwise abort the load. Only local directories are inspected.
-        4-bit directories that transformers cannot recognize as such are refused, or loaded through
-        bluelm_quant.hf when it is enabled (see `routing_quantization_config`).
-        """
-        from ...hf import routing_quantization_config  # lazy: bluelm_quant.hf imports this package
-
-        model_dir = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
-        rows = bluelm_vocab_rows_from_checkpoint(model_dir)
-        # A 4-bit directory whose config.json names no quantization_config (AutoGPTQ's
-        # quantize_config.json, the legacy BlueLM-7B-Chat-4bits): an error unless
-        # bluelm_quant.hf.enable() is on, then the config that routes the load to it.
-        routing = routing_quantization_config(model_dir) if os.path.isdir(model_dir) else None
-        if (rows is not None or routing is not None) and config is None:
-            with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-                stated = json.load(f).get("vocab_size")
-            if stated != rows or routing is not None:
-                # Config overrides passed as keywords (e.g. max_position_embeddings=...) belong to
-                # the config we now build ourselves; dtype stays a loading option.
-                fields = {f.name for f in dataclasses.fields(BlueLMConfig)} - {"dtype"}
-                overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
-                config = BlueLMConfig.from_pretrained(model_dir, **overrides)
-        if rows is not None and isinstance(config, BlueLMConfig) and config.vocab_size != rows:
-            logger.info("config vocab_size=%d but the checkpoint's embedding has %d rows; using %d",
-                        config.vocab_size, rows, rows)
-            config = copy.deepcopy(config)
-            config.vocab_size = rows
-        if routing is not None:
-            config = copy.deepcopy(config)
-            config.quantization_config = routing
-        return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
 
 class BlueLMModel(BlueLMPreTrainedModel):

@@ -11,11 +11,9 @@ import os
 
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
+from .chat_format import AI, CHAT_MARKERS, HUMAN
+
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
-HUMAN_TOKEN = "[|Human|]:"
-AI_TOKEN = "[|AI|]:"
-# Control markers: never part of a reply, so skip_special_tokens must drop them.
-CHAT_MARKERS = (HUMAN_TOKEN, AI_TOKEN, "[SEH]", "[SEA]")
 
 
 class BlueLMTokenizerError(ValueError):
@@ -68,6 +66,7 @@ class BlueLMTokenizer(SentencePieceBackend):
         )
         # Directories written by other tools list the chat markers as plain added tokens.
         special = set(self.all_special_tokens)
+        # Control markers: never part of a reply, so skip_special_tokens must drop them.
         for content in CHAT_MARKERS:
             if content in self._added_tokens_encoder and content not in special:
                 self._added_tokens_decoder[self._added_tokens_encoder[content]].special = True
@@ -100,11 +99,11 @@ class BlueLMTokenizer(SentencePieceBackend):
 
     @property
     def human_token_id(self) -> int | None:
-        return self._added_tokens_encoder.get(HUMAN_TOKEN)
+        return self._added_tokens_encoder.get(HUMAN)
 
     @property
     def ai_token_id(self) -> int | None:
-        return self._added_tokens_encoder.get(AI_TOKEN)
+        return self._added_tokens_encoder.get(AI)
 
 
-__all__ = ["BlueLMTokenizer", "BlueLMTokenizerError", "CHAT_MARKERS", "HUMAN_TOKEN", "AI_TOKEN"]
+__all__ = ["BlueLMTokenizer", "BlueLMTokenizerError"]

@@ -1,0 +1,90 @@
+"""Multi-turn chat in the terminal with a BlueLM (or chat-templated LLaMA-like) model.
+
+    bluelm-chat --model DIR [--device cuda] [--dtype bfloat16] [--do-sample] ...
+
+DIR is a full-precision Hugging Face directory, or a 4-bit one written by bluelm-quant / GPTQ
+tools (quantize_config.json or config.json's quantization_config), or the legacy
+BlueLM-7B-Chat-4bits layout (detected by its *.qweight tensors). Commands at the prompt:
+/reset clears the conversation, /exit (or end of input) quits. Replies stream token by
+token; notices (dropped turns, errors) go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import add_debug_flag, run_tool
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bluelm-chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model directory (full precision or 4-bit)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (default 512, BlueLM's demo)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, with --do-sample (default 1.0)")
+    p.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling mass, with --do-sample (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, with --do-sample (default 50)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1,
+                   help="divide the scores of tokens already in the conversation by this (default 1.1; 1 = off)")
+    p.add_argument("--verbose", action="store_true", help="report prompt token counts on stderr")
+    add_debug_flag(p)
+    return p
+
+
+def main(argv=None) -> int:
+    return run_tool(chat_command, parser().parse_args(argv))
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..chat import ChatError, encode_prompt, stream_chat
+    from ..hf import load_model_and_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, repetition_penalty=args.repetition_penalty)
+    if args.do_sample:
+        generation.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+
+    def notice(text: str) -> None:
+        print(f"[notice] {text}", file=sys.stderr, flush=True)
+
+    history: list[tuple[str, str]] = []
+    print("Type a message; /reset clears the conversation, /exit quits.", file=sys.stderr, flush=True)
+    while True:
+        try:
+            query = input("User: ")
+        except EOFError:
+            print()
+            return 0
+        command = query.strip()
+        if command == "/exit":
+            return 0
+        if command == "/reset":
+            history = []
+            print("[history cleared]", flush=True)
+            continue
+        if not command:
+            continue
+        if args.verbose:
+            tokens = len(encode_prompt(model, tokenizer, query, history))
+            print(f"[prompt: {tokens} tokens, {len(history)} past turns]", file=sys.stderr, flush=True)
+        print("AI: ", end="", flush=True)
+        shown = ""
+        try:
+            for reply, new_history in stream_chat(model, tokenizer, query, history, on_notice=notice, **generation):
+                # Each reply normally extends the previous one; if decoding rewrote it, start over.
+                print(reply[len(shown):] if reply.startswith(shown) else "\n" + reply, end="", flush=True)
+                shown, history = reply, new_history
+        except ChatError as exc:
+            print(f"\n[error] {exc}", file=sys.stderr, flush=True)
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

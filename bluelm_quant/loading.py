@@ -1,0 +1,263 @@
+"""Load a 4-bit checkpoint directory straight onto its device.
+
+Loaded layouts (docs/CHECKPOINTS.md): the standard GPTQ one with v1 or v2 zeros, and the
+legacy BlueLM-7B-Chat-4bits one (`pytorch_model-*.bin` shards, qweight/qzeros/scales only,
+fp32 scales, group size derived from the tensor shapes).
+
+No full-precision Linear weight is ever materialized: the skeleton is built with its
+parameters on the meta device (skeleton.py) and tensors stream shard by shard to `device`,
+each converted on the CPU and moved once; each QuantLinear is repacked for the kernel on
+the CPU as soon as its last tensor has arrived, then moved.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import traceback
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .auto import register_auto_classes
+from .modeldir import ModelDir
+from .placement import CPUEmbedding, DeviceMemoryError, Int8Linear, check_dtype, resolve_device
+from .saving import tied_keys
+from .shards import CheckpointError, ShardReader
+from .skeleton import QUANT_SUFFIXES, assign_tensor, build_skeleton, finish_quant_linear, swap_quant_linears
+
+log = logging.getLogger(__name__)
+
+# Buffers that old checkpoints carry but models recompute (legacy RoPE caches).
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded model lives: its device and compute dtype, and the memory savers."""
+
+    device: torch.device
+    dtype: torch.dtype
+    embed_on_cpu: bool = False  # the token-embedding table stays in host memory
+    lm_head_bits: int = 16  # 8: int8 lm_head with per-row scales
+
+
+class LoadPlan:
+    """Where each checkpoint tensor goes, and what the device must hold in the end."""
+
+    def __init__(self, model, model_dir: ModelDir, quantized: list[str], placement: Placement):
+        reader = model_dir.reader
+        self.model, self.model_dir = model, model_dir
+        self.dtype, self.device = placement.dtype, placement.device
+        self.embed_on_cpu, self.lm_head_bits = placement.embed_on_cpu, placement.lm_head_bits
+        names = {id(m): n for n, m in model.named_modules()}
+        self.embed_key = names[id(model.get_input_embeddings())] + ".weight"
+        head = model.get_output_embeddings()
+        self.head_key = names[id(head)] + ".weight" if head is not None else None
+        self.tie = bool(getattr(model.config, "tie_word_embeddings", False))
+        # lm_head is built from the embedding table (tied checkpoints drop the duplicate)
+        self.tied = self.tie and self.head_key not in reader
+        # Quantized layers are finished as soon as their last tensor arrives.
+        self.pending = {
+            name: {f"{name}.{s}" for s in QUANT_SUFFIXES + ("bias",) if f"{name}.{s}" in reader} for name in quantized
+        }
+        self.layer_of = {key: name for name, keys in self.pending.items() for key in keys}
+
+    def device_bytes(self, keys) -> int:
+        """What the loaded model will hold on `device` (kernel repacks not included)."""
+        reader = self.model_dir.reader
+        fsize = torch.empty(0, dtype=self.dtype).element_size()
+        total = 0
+        for key in keys:
+            numel = 1
+            for d in reader.shape(key):
+                numel *= d
+            size = numel * (fsize if reader.dtype(key).is_floating_point else 4)
+            if key == self.embed_key:
+                total += self._embedding_bytes(numel, size, reader.shape(key)[0], fsize)
+            elif key == self.head_key and self.lm_head_bits == 8:
+                total += numel + reader.shape(key)[0] * fsize
+            else:
+                total += size
+        return total
+
+    def _embedding_bytes(self, numel: int, size: int, rows: int, fsize: int) -> int:
+        head = 0
+        if self.tied:  # the head is made from this table: a second copy, or an int8 one
+            head = numel + rows * fsize if self.lm_head_bits == 8 else size
+        separate_head = self.embed_on_cpu or self.lm_head_bits == 8
+        return (0 if self.embed_on_cpu else size) + (head if separate_head else 0)
+
+    def is_transient(self, key: str) -> bool:
+        """Whether the stored tensor is dropped after reading (moved, converted or quantized)."""
+        if self.device.type != "cpu" or (key == self.head_key and self.lm_head_bits == 8):
+            return True
+        stored = self.model_dir.reader.dtype(key)
+        if stored.is_floating_point:
+            return stored != self.dtype
+        return stored != torch.int32 or (key.endswith(".qzeros") and self.model_dir.layout == "gptq_v2")
+
+    def convert(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """Checkpoint tensor -> the dtype the model keeps, on the CPU (no second device copy)."""
+        if t.is_floating_point():
+            return t.to(self.dtype)
+        if key.endswith(("qweight", "qzeros", "g_idx")):
+            return t.to(torch.int32)
+        return t
+
+    def place(self, key: str, t: torch.Tensor) -> None:
+        """Put one converted CPU tensor where the plan says."""
+        model = self.model
+        if key in self.layer_of:
+            name = self.layer_of[key]
+            assign_tensor(model, key, t)
+            self.pending[name].discard(key)
+            if not self.pending[name]:
+                self._finish_layer(name)
+            return
+        if key == self.embed_key and (self.embed_on_cpu or (self.tied and self.lm_head_bits == 8)):
+            if self.tied:
+                self._set_head(t)
+            if self.embed_on_cpu:
+                old = model.get_input_embeddings()
+                model.set_input_embeddings(CPUEmbedding(t, getattr(old, "padding_idx", None), self.device))
+                return
+        if key == self.head_key and self.lm_head_bits == 8:
+            self._set_head(t)
+            return
+        assign_tensor(model, key, t.to(self.device))
+
+    def _finish_layer(self, name: str) -> None:
+        """All of a QuantLinear's tensors are here (on the CPU): finish it, then move it whole.
+
+        Repacking on the CPU means the device never holds the unpacked temporaries of an
+        act-order repack, only the final buffers.
+        """
+        layer = self.model.get_submodule(name)
+        finish_quant_linear(layer, f"{name}.g_idx" in self.model_dir.reader, self.model_dir.layout)
+        layer.to(self.device)
+
+    def _set_head(self, weight: torch.Tensor) -> None:
+        """The output projection from `weight` (its own tensor, int8 or a device copy)."""
+        head = self.model.get_output_embeddings()
+        if self.lm_head_bits == 8:
+            if getattr(head, "bias", None) is not None:
+                raise CheckpointError("lm_head_bits=8 supports an lm_head without bias only")
+            self.model.set_output_embeddings(Int8Linear.from_weight(weight, self.dtype, self.device))
+        else:
+            head.weight = nn.Parameter(weight.to(self.device), requires_grad=False)
+
+
+def oom_message(path: str, plan: LoadPlan, needed: int, loaded: int | None, free: int, total: int) -> str:
+    gib = 1024**3
+    where = f" ({loaded / gib:.2f} GiB of it loaded when the allocation failed)" if loaded is not None else ""
+    hints = []
+    if not plan.embed_on_cpu:
+        hints.append("embed_on_cpu=True (keeps the embedding table in host memory)")
+    if plan.lm_head_bits != 8:
+        hints.append("lm_head_bits=8 (halves the lm_head)")
+    hints.append("freeing GPU memory held by other processes, or device='cpu'")
+    return (
+        f"not enough memory on {plan.device} to load {path}: the model needs about {needed / gib:.2f} GiB there"
+        f"{where}; {free / gib:.2f} GiB of {total / gib:.2f} GiB are free now. Try " + ", ".join(hints)
+    )
+
+
+def load_quantized(
+    path,
+    device="cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    embed_on_cpu: bool = False,
+    lm_head_bits: int = 16,
+    allow_dtype_fallback: bool = False,
+) -> nn.Module:
+    """Load a 4-bit checkpoint directory (a path or a ModelDir) into an eval-mode model on `device`.
+
+    dtype: the compute dtype of the non-quantized weights, scales and activations
+    (default: config.json's torch_dtype, fp16 when it names none). A dtype the device
+    cannot run (bf16 before Ampere) is an error, or fp16 (CUDA) / fp32 (CPU) with
+    allow_dtype_fallback=True.
+    embed_on_cpu: keep the token-embedding table in host memory (CPUEmbedding).
+    lm_head_bits: 16 keeps lm_head in `dtype`; 8 stores it as int8 with per-row scales.
+
+    Device memory peaks near the final size.
+    """
+    model_dir = path if isinstance(path, ModelDir) else ModelDir(path)
+    path = model_dir.path
+    device = resolve_device(device)
+    if lm_head_bits not in (8, 16):
+        raise ValueError(f"lm_head_bits={lm_head_bits!r}: use 16 (lm_head in the compute dtype) or 8 (int8 per-row)")
+    config = model_dir.require_quant()
+    source = "dtype" if dtype is not None else f"{path}/config.json torch_dtype"
+    dtype = check_dtype(device, dtype if dtype is not None else model_dir.dtype, allow_dtype_fallback, source)
+    register_auto_classes()
+    model = build_skeleton(model_dir, dtype)
+    quantized = swap_quant_linears(model, model_dir, dtype)
+    plan = LoadPlan(model, model_dir, quantized, Placement(device, dtype, embed_on_cpu, lm_head_bits))
+    expected = set(model.state_dict())
+    needed = _check_free_memory(plan, expected)
+    try:
+        loaded = _stream(plan, expected)
+    except torch.OutOfMemoryError as e:
+        allocated = torch.cuda.memory_allocated(device)
+        traceback.clear_frames(e.__traceback__)  # the frames' locals hold device tensors
+        del model
+        plan.model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        raise DeviceMemoryError(oom_message(path, plan, needed, allocated, *torch.cuda.mem_get_info(device))) from None
+    finally:
+        model_dir.close()
+    _check_complete(plan, expected, loaded)
+    if plan.tie and not (embed_on_cpu or lm_head_bits == 8):
+        model.tie_weights()  # one table for both; the memory savers need them apart
+    model.to(device)  # the small buffers built on the CPU (RoPE tables); loaded tensors stay put
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"tensors left unloaded after reading {path}: {still_meta[:5]}")
+    model.quant_config = config
+    return model.eval()
+
+
+def _check_free_memory(plan: LoadPlan, expected: set[str]) -> int:
+    """Bytes the model needs on a CUDA device (0 elsewhere); a sized error if they are not free."""
+    if plan.device.type != "cuda":
+        return 0
+    needed = plan.device_bytes(k for k in plan.model_dir.reader.keys() if k in expected)
+    free, total = torch.cuda.mem_get_info(plan.device)
+    if needed > free:
+        raise DeviceMemoryError(oom_message(plan.model_dir.path, plan, needed, None, free, total))
+    return needed
+
+
+def _stream(plan: LoadPlan, expected: set[str]) -> set[str]:
+    reader: ShardReader = plan.model_dir.reader
+    loaded, unexpected = set(), []
+    for file, keys in reader.keys_by_file().items():
+        for key in keys:
+            if key.endswith(IGNORED_KEY_SUFFIXES):
+                continue
+            if key not in expected:
+                unexpected.append(key)
+                continue
+            plan.place(key, plan.convert(key, reader.get(key, plan.is_transient(key))))
+            loaded.add(key)
+        reader.release(file)
+    if unexpected:
+        log.warning("ignored %d tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
+    return loaded
+
+
+def _check_complete(plan: LoadPlan, expected: set[str], loaded: set[str]) -> None:
+    path = plan.model_dir.path
+    tied = tied_keys(plan.model)
+    missing = sorted(k for k in expected - loaded if not (k.endswith(".g_idx") or k in tied))
+    if missing:
+        raise CheckpointError(f"the checkpoint at {path} lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
+    unfinished = sorted(n for n, keys in plan.pending.items() if keys)
+    if unfinished:
+        raise CheckpointError(f"quantized layers left incomplete after reading {path}: {unfinished[:5]}")
+
+
+__all__ = ["LoadPlan", "Placement", "load_quantized", "oom_message"]
