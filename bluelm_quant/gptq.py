@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 
@@ -116,10 +117,34 @@ class GPTQ:
         K x K copy: 485 MB for a 7B down_proj.
         """
         tick = time.perf_counter()
-        if self.H is None or self.nsamples == 0:
-            raise GPTQError("no calibration activations: call add_batch before quantize")
         if blocksize < 1:
             raise GPTQError(f"blocksize={blocksize} must be positive")
+        w, h = self._problem(weight, keep_hessian)
+        groups = _Groups.for_config(w, config, scale_dtype)
+        if config.desc_act:
+            # Columns with the largest activations first, while many columns remain to
+            # absorb their error; stable sort keeps ties deterministic.
+            perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+            w, h = w[:, perm], h[perm[:, None], perm]  # one K x K copy, not two
+        else:
+            perm = torch.arange(w.shape[1], device=self.device)
+        groups.order(perm)
+        u, damp = _upper_inverse_cholesky(h, config.damp_percent)
+        del h
+        codes, row_loss = _solve_columns(w, u, groups, config.maxq, blocksize)
+        quantized = QuantizedWeight(
+            codes=codes[:, torch.argsort(perm)].to(torch.int32),
+            scales=groups.scales,
+            zeros=groups.zeros.to(torch.int32),
+            g_idx=groups.g_idx(perm),
+            bits=config.bits,
+        )
+        return GPTQResult(quantized, float(row_loss.sum()), row_loss, damp, time.perf_counter() - tick)
+
+    def _problem(self, weight: torch.Tensor, keep_hessian: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 copies of W and H to work on, checked; dead inputs pinned."""
+        if self.H is None or self.nsamples == 0:
+            raise GPTQError("no calibration activations: call add_batch before quantize")
         n, k = weight.shape
         if k != self.in_features:
             raise GPTQError(f"weight is [{n}, {k}] but the Hessian is for {self.in_features} inputs")
@@ -131,85 +156,89 @@ class GPTQ:
         h = self.H.clone() if keep_hessian else self.H
         if not keep_hessian:
             self.free()
-        gs, maxq = config.effective_group_size(k), config.maxq
-        grid = partial(
-            find_params, bits=config.bits, sym=config.sym, mse_clip=config.mse_clip, scale_dtype=scale_dtype
-        )
-
         # An input that is always zero carries no information: any weight works, so pin
         # it to 0 and make H invertible there (the reference's choice).
         dead = torch.diag(h) == 0
         h[dead, dead] = 1
         w[:, dead] = 0
+        return w, h
 
-        ngroups = config.groups(k)
-        scales = torch.zeros(ngroups, n, device=self.device)
-        zeros = torch.zeros(ngroups, n, device=self.device)
-        if config.static_groups:
-            # Fixed before any reordering or error feedback: group g is original columns g*gs...
+
+@dataclass
+class _Groups:
+    """Each group's grid (scale, zero per output row), and the group of each column."""
+
+    scales: torch.Tensor  # [G, N] float32
+    zeros: torch.Tensor  # [G, N] float32
+    size: int  # columns per group (K for per-channel)
+    static: bool  # grids fixed from the original columns before any reordering
+    find: Callable  # weights [N, cols] -> (scale [N], zero [N])
+    col_group: list[int] = None  # group of each column, in quantization order
+
+    @classmethod
+    def for_config(cls, w: torch.Tensor, config: QuantConfig, scale_dtype: torch.dtype) -> "_Groups":
+        n, k = w.shape
+        ngroups, size = config.groups(k), config.effective_group_size(k)
+        find = partial(find_params, bits=config.bits, sym=config.sym, mse_clip=config.mse_clip, scale_dtype=scale_dtype)
+        groups = cls(torch.zeros(ngroups, n, device=w.device), torch.zeros(ngroups, n, device=w.device), size,
+                     config.static_groups, find)
+        if groups.static:
+            # Fixed before any reordering or error feedback: group g is original columns g*size...
             for g in range(ngroups):
-                scales[g], zeros[g] = grid(w[:, g * gs : (g + 1) * gs])
+                groups.scales[g], groups.zeros[g] = find(w[:, g * size : (g + 1) * size])
+        return groups
 
-        if config.desc_act:
-            # Columns with the largest activations first, while many columns remain to
-            # absorb their error; stable sort keeps ties deterministic.
-            perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-            w, h = w[:, perm], h[perm[:, None], perm]  # one K x K copy, not two
-        else:
-            perm = torch.arange(k, device=self.device)
-        # group of each column, in quantization order (indexes scales/zeros)
-        col_group = (perm // gs).tolist() if config.static_groups else [i // gs for i in range(k)]
+    def order(self, perm: torch.Tensor) -> None:
+        """Columns are quantized in `perm` order: static groups follow their columns, the
+        others are consecutive runs of that order."""
+        k = perm.shape[0]
+        self.col_group = (perm // self.size).tolist() if self.static else [i // self.size for i in range(k)]
 
-        u, damp = _upper_inverse_cholesky(h, config.damp_percent)
-        del h
+    def g_idx(self, perm: torch.Tensor) -> torch.Tensor:
+        """int32 [K]: the group of each column in the original order."""
+        g_idx = torch.empty(perm.shape[0], dtype=torch.int32, device=perm.device)
+        g_idx[perm] = torch.tensor(self.col_group, dtype=torch.int32, device=perm.device)
+        return g_idx
 
-        # Codes fit a byte (bits <= 8); a float [N, K] per result would cost 4x the memory.
-        codes = torch.zeros(n, k, dtype=torch.uint8, device=self.device)
-        row_loss = torch.zeros(n, device=self.device)
-        for i1 in range(0, k, blocksize):
-            i2 = min(i1 + blocksize, k)
-            w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-            err1 = torch.zeros_like(w1)
-            for j in range(i2 - i1):
-                i = i1 + j
-                if not config.static_groups and i % gs == 0:
-                    # The grid sees the group's weights as they are now, after the updates
-                    # from every column quantized so far (columns past this block still
-                    # owe the block's lazy update, applied here just for them).
-                    end = min(i + gs, k)
-                    cols = w1[:, j : end - i1]
-                    if end > i2:
-                        rest = w[:, i2:end] - err1[:, :j] @ u[i1:i, i2:end]
-                        cols = torch.cat([cols, rest], dim=1)
-                    scales[i // gs], zeros[i // gs] = grid(cols)
-                s, z = scales[col_group[i]], zeros[col_group[i]]
-                c = quantize(w1[:, j], s, z, maxq)
-                qj = dequantize(c, s, z)
-                codes[:, i] = c.to(torch.uint8)
-                # OBS via U (upper, U^T U = H^-1): for the still-free columns F = i.., the
-                # inverse of H's trailing block is U[F, F]^T U[F, F], whose row i is
-                # U[i, i] * U[i, F] and diagonal entry U[i, i]^2. So the OBS update
-                # -(w - q) / [H_F^-1]_ii * H_F^-1[i, F] is -(w - q) / U[i, i] * U[i, F]:
-                # no H^-1 downdate between columns.
-                e = (w1[:, j] - qj) / u1[j, j]
-                err1[:, j] = e
-                w1[:, j + 1 :].addr_(e, u1[j, j + 1 :], alpha=-1)
-            row_loss += err1.square().sum(dim=1) / 2
-            # Lazy batch update: the rest of W gets the whole block's error in one matmul.
-            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)
 
-        invperm = torch.argsort(perm)
-        g_idx = torch.empty(k, dtype=torch.int32, device=self.device)
-        g_idx[perm] = torch.tensor(col_group, dtype=torch.int32, device=self.device)
-        quantized = QuantizedWeight(
-            codes=codes[:, invperm].to(torch.int32),
-            scales=scales,
-            zeros=zeros.to(torch.int32),
-            g_idx=g_idx,
-            bits=config.bits,
-        )
-        loss = float(row_loss.sum())
-        return GPTQResult(quantized, loss, row_loss, damp, time.perf_counter() - tick)
+def _solve_columns(w: torch.Tensor, u: torch.Tensor, groups: _Groups, maxq: int, blocksize: int):
+    """The GPTQ column loop over W (permuted; updated in place): (uint8 codes [N, K], row loss [N])."""
+    n, k = w.shape
+    gs = groups.size
+    # Codes fit a byte (bits <= 8); a float [N, K] per result would cost 4x the memory.
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    row_loss = torch.zeros(n, device=w.device)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for j in range(i2 - i1):
+            i = i1 + j
+            if not groups.static and i % gs == 0:
+                # The grid sees the group's weights as they are now, after the updates
+                # from every column quantized so far (columns past this block still
+                # owe the block's lazy update, applied here just for them).
+                end = min(i + gs, k)
+                cols = w1[:, j : end - i1]
+                if end > i2:
+                    rest = w[:, i2:end] - err1[:, :j] @ u[i1:i, i2:end]
+                    cols = torch.cat([cols, rest], dim=1)
+                groups.scales[i // gs], groups.zeros[i // gs] = groups.find(cols)
+            s, z = groups.scales[groups.col_group[i]], groups.zeros[groups.col_group[i]]
+            c = quantize(w1[:, j], s, z, maxq)
+            codes[:, i] = c.to(torch.uint8)
+            # OBS via U (upper, U^T U = H^-1): for the still-free columns F = i.., the
+            # inverse of H's trailing block is U[F, F]^T U[F, F], whose row i is
+            # U[i, i] * U[i, F] and diagonal entry U[i, i]^2. So the OBS update
+            # -(w - q) / [H_F^-1]_ii * H_F^-1[i, F] is -(w - q) / U[i, i] * U[i, F]:
+            # no H^-1 downdate between columns.
+            e = (w1[:, j] - dequantize(c, s, z)) / u1[j, j]
+            err1[:, j] = e
+            w1[:, j + 1 :].addr_(e, u1[j, j + 1 :], alpha=-1)
+        row_loss += err1.square().sum(dim=1) / 2
+        # Lazy batch update: the rest of W gets the whole block's error in one matmul.
+        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1)
+    return codes, row_loss
 
 
 def all_finite(t: torch.Tensor) -> bool:
