@@ -10,6 +10,8 @@ Which path runs (`backend()` says what was built; every fallback is logged once)
              CPU float32/bfloat16 (float16 computed in float32), CUDA float16/bfloat16
              (float32 computed in float16, the GPTQ ecosystem's compute dtype).
              At M = prod(x.shape[:-1]) >= *_DEQUANT_MIN_M rows: dequantize once + torch.matmul.
+             Each configuration checks itself against the reference path on first use
+             (kernel_check.py) and falls back to it on a mismatch.
   reference  everything else: 2/3/8-bit, float64, act-order layouts whose groups are not
              contiguous runs after sorting, x that needs a gradient (the ops have no
              backward), or no compiled extension.
@@ -19,14 +21,20 @@ Tensor layout (the standard GPTQ one, K = in_features, N = out_features):
   qzeros  int32 [G, N*bits/32]   v1 zeros (zero - 1) packed along N
   scales  fp16/bf16/fp32 [G, N]
   g_idx   int32 [K]              group of each input row (any order: act-order)
+
+A layer's tensors travel as a QLayer. `prepare` turns the standard layout into the kernel's:
+for act-order, the rows of qweight are regrouped (one copy, not two) and `perm` says which
+input row each holds; `standard_qweight` gives the checkpoint's order back for saving.
 """
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 
-from .packing import pack_multiple, pack_qweight, unpack_qweight, unpack_qzeros
+from . import kernel_check
+from .packing import pack_multiple, permute_rows, unpack_qweight, unpack_qzeros
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -50,6 +58,27 @@ CUDA_DEQUANT_MIN_M = 64
 
 class QuantOpError(ValueError):
     """Inputs to a quantized op do not fit together."""
+
+
+class QLayer(NamedTuple):
+    """The tensors of one quantized Linear, as `gemm` and `dequantize` take them."""
+
+    qweight: torch.Tensor  # [K*bits/32, N]; rows in `perm` order when perm is set
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor  # [K]: the group of each input row, in the original row order
+    bits: int
+    bias: torch.Tensor | None = None
+    perm: torch.Tensor | None = None  # int32 [K]: row r of qweight is input row perm[r]
+    group_size: int | None = None  # the kernel layout's contiguous group size; None: reference path only
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0] * 32 // self.bits
+
+    def kernel_g_idx(self) -> torch.Tensor:
+        """The group of each row of qweight as stored (g_idx in perm order)."""
+        return self.g_idx if self.perm is None else self.g_idx.index_select(0, self.perm)
 
 
 def check_layer(qweight, qzeros, scales, g_idx, bits: int) -> tuple[int, int, int]:
@@ -96,6 +125,31 @@ def gemm_reference(x, qweight, qzeros, scales, g_idx, bits: int, bias=None) -> t
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y
+
+
+def dequantize(layer: QLayer, dtype=None) -> torch.Tensor:
+    """W^T [K, N] in the original input order, in `dtype` (default the scales')."""
+    w = dequantize_reference(layer.qweight, layer.qzeros, layer.scales, layer.kernel_g_idx(), layer.bits, dtype)
+    if layer.perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[layer.perm.long()] = w
+    return out
+
+
+def standard_qweight(layer: QLayer) -> torch.Tensor:
+    """qweight in the checkpoint's row order (the input's own), whatever the kernel layout."""
+    if layer.perm is None:
+        return layer.qweight
+    return permute_rows(layer.qweight, torch.argsort(layer.perm.long()), layer.bits)
+
+
+def _gemm_reference_layer(x: torch.Tensor, layer: QLayer) -> torch.Tensor:
+    """gemm_reference for either layout (a permuted one multiplies the permuted x)."""
+    if layer.perm is None:
+        return gemm_reference(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.bias)
+    xp = x.index_select(-1, layer.perm)
+    return gemm_reference(xp, layer.qweight, layer.qzeros, layer.scales, layer.kernel_g_idx(), layer.bits, layer.bias)
 
 
 def check_activation(x: torch.Tensor, qweight: torch.Tensor, in_features: int) -> None:
@@ -160,13 +214,6 @@ if _ext is not None:
 
 # --- load-time preparation ------------------------------------------------------------------
 
-# `prepare` returns the group size as the *shape* of an empty tensor: the dict may only hold
-# tensors (they become buffers that follow the module across devices), and reading a value
-# from a CUDA tensor at every forward would synchronise the GPU and break torch.compile graphs.
-GROUP_SIZE_KEY = "kernel_group_size"  # int32 [0, group_size]
-PERM_KEY = "kernel_perm"  # int32 [K]: act-order, row r of the repacked weight is input row perm[r]
-QWEIGHT_KEY = "kernel_qweight"  # int32 [K/8, N]: qweight with rows in perm order
-
 
 def _contiguous_group_size(g_sorted: torch.Tensor, k: int, groups: int) -> int | None:
     """The group size if sorted g_idx is exactly arange(K) // gs for some gs, else None."""
@@ -177,27 +224,25 @@ def _contiguous_group_size(g_sorted: torch.Tensor, k: int, groups: int) -> int |
     return gs if torch.equal(g_sorted.to(torch.int64), expected) else None
 
 
-def prepare(qweight, qzeros, scales, g_idx, bits: int) -> dict[str, torch.Tensor]:
-    """Extra tensors the kernel wants for this layer (repacked once at load time).
-
-    Returned tensors become non-persistent buffers of the QuantLinear and come back to
-    `gemm` as `kernel`. An empty dict means this layer runs on the reference path (the
-    reason is logged once).
+def prepare(qweight, qzeros, scales, g_idx, bits: int, bias=None) -> QLayer:
+    """The layer in the kernel's layout (built once, at load time), from the standard tensors.
 
     The kernels take groups as contiguous runs of rows (row r in group r // group_size).
     Act-order checkpoints keep qweight in the original input order with a permuted g_idx;
-    here rows are stable-sorted by g_idx and qweight is repacked in that order
-    (QWEIGHT_KEY, a second copy of the packed weight), with the permutation (PERM_KEY) for
-    the kernel to gather x. If, after sorting, the groups are not runs of one size (a
-    partial last group allowed), or that size is not a multiple of 8, the layer keeps the
-    reference path. Tensors on the meta device give {} without a warning.
+    here rows are stable-sorted by g_idx and qweight is repacked in that order (a new
+    tensor: the caller drops the old one), with `perm` for the kernel to gather x. If,
+    after sorting, the groups are not runs of one size (a partial last group allowed), or
+    that size is not a multiple of 8, or bits != 4, the QLayer has group_size None: the
+    reference path (the reason is logged once). Tensors on the meta device are returned
+    as they are, without a warning (QuantLinear.post_init runs again once they are loaded).
     """
     k, n, groups = check_layer(qweight, qzeros, scales, g_idx, bits)
+    layer = QLayer(qweight, qzeros, scales, g_idx, bits, bias)
     if qweight.is_meta or g_idx.is_meta:
-        return {}  # a skeleton: call again once real tensors are loaded (QuantLinear.post_init)
+        return layer
     if bits != 4:
         _warn_once(f"no kernel for {bits}-bit layers: they run on the reference path (dequantize + matmul)")
-        return {}
+        return layer
     g = g_idx.detach().to("cpu", torch.int64)
     if k and (int(g.min()) < 0 or int(g.max()) >= groups):
         raise QuantOpError(f"g_idx values lie in [{int(g.min())}, {int(g.max())}], expected [0, {groups}) for {groups} groups")
@@ -208,13 +253,11 @@ def prepare(qweight, qzeros, scales, g_idx, bits: int) -> dict[str, torch.Tensor
             f"a layer's g_idx (K={k}, {groups} groups) does not form contiguous groups of one size that is a "
             "multiple of 8 after sorting: it runs on the reference path"
         )
-        return {}
-    out = {GROUP_SIZE_KEY: torch.empty((0, gs), dtype=torch.int32, device=qweight.device)}
-    if not torch.equal(order, torch.arange(k)):
-        codes = unpack_qweight(qweight, bits)[order.to(qweight.device)]
-        out[QWEIGHT_KEY] = pack_qweight(codes, bits)
-        out[PERM_KEY] = order.to(device=qweight.device, dtype=torch.int32)
-    return out
+        return layer
+    if torch.equal(order, torch.arange(k)):
+        return layer._replace(group_size=gs)
+    return layer._replace(qweight=permute_rows(qweight, order, bits),
+                          perm=order.to(device=qweight.device, dtype=torch.int32), group_size=gs)
 
 
 # --- dispatch --------------------------------------------------------------------------------
@@ -241,47 +284,80 @@ def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype | None, str]:
     return None, f"no kernel for {x.dtype} activations on {x.device.type}: reference path"
 
 
-def gemm(x, qweight, qzeros, scales, g_idx, bits: int, bias=None, kernel=None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for x [..., K]; output in x's dtype.
+def _dequant_min_m(device: torch.device) -> int:
+    return CUDA_DEQUANT_MIN_M if device.type == "cuda" else CPU_DEQUANT_MIN_M
 
-    `kernel` is what `prepare` returned for these tensors (may be empty: reference path).
-    """
-    k = qweight.shape[0] * 32 // bits
-    check_activation(x, qweight, k)
-    if kernel is None:
-        _warn_once("gemm called without kernel=prepare(...): reference path (QuantLinear.post_init() prepares)")
-    if not kernel or GROUP_SIZE_KEY not in kernel or (x.requires_grad and torch.is_grad_enabled()):
-        return gemm_reference(x, qweight, qzeros, scales, g_idx, bits, bias)
+
+def _path(m: int, device: torch.device) -> str:
+    """The kernel code that runs for m rows (the self-check's unit)."""
+    if m >= _dequant_min_m(device):
+        return "dequantize + matmul"
+    return f"{kernel_check.m_class(m)}-row kernel"
+
+
+def _run_kernel(x2: torch.Tensor, layer: QLayer, dtype: torch.dtype) -> torch.Tensor:
+    """The compiled path for x2 [M, K] in `dtype`; the result in `dtype` (float32 for the CPU dequant path)."""
+    s = layer.scales.to(dtype)
+    b = layer.bias.to(dtype) if layer.bias is not None else None
+    x2 = x2.to(dtype)
+    if x2.shape[0] >= _dequant_min_m(x2.device):
+        mm_dtype = dtype if x2.is_cuda else torch.float32  # fp32 SGEMM on the CPU: as accurate as the fused kernel
+        w = torch.ops.bluelm_quant.dequantize_4bit(layer.qweight, layer.qzeros, s, layer.group_size, mm_dtype)
+        xp = (x2 if layer.perm is None else x2.index_select(1, layer.perm)).to(mm_dtype)
+        y = torch.matmul(xp, w) if b is None else torch.addmm(b.to(mm_dtype), xp, w)
+    else:
+        y = torch.ops.bluelm_quant.gemm_4bit(x2, layer.qweight, layer.qzeros, s, layer.perm, layer.group_size, b)
+    fault = kernel_check.STATE.fault
+    return y if fault is None else fault(y)
+
+
+def _self_check(layer: QLayer, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
+    """Every M-path of this configuration on the layer's first CHECK_COLUMNS output columns:
+    {path: (max |kernel - reference|, max |reference|)}."""
+    n = min(layer.qweight.shape[1], kernel_check.CHECK_COLUMNS)
+    cols = n * layer.bits // 32
+    part = layer._replace(qweight=layer.qweight[:, :n].contiguous(), qzeros=layer.qzeros[:, :cols].contiguous(),
+                          scales=layer.scales[:, :n].contiguous(),
+                          bias=None if layer.bias is None else layer.bias[:n].contiguous())
+    ref_layer = part._replace(scales=part.scales.to(dtype).float(),
+                              bias=None if part.bias is None else part.bias.to(dtype).float())
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    for m in kernel_check.M_CLASSES + (_dequant_min_m(device),):
+        x = torch.randn(m, part.in_features, generator=gen, device=device).to(dtype)
+        ref = _gemm_reference_layer(x.float(), ref_layer)
+        got = _run_kernel(x, part, dtype).float()
+        out[_path(m, device)] = (float((got - ref).abs().max()), float(ref.abs().max()))
+    return out
+
+
+def gemm(x: torch.Tensor, layer: QLayer) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for x [..., K]; output in x's dtype. `layer` as `prepare` made it."""
+    k = layer.in_features
+    check_activation(x, layer.qweight, k)
+    if layer.group_size is None or (x.requires_grad and torch.is_grad_enabled()):
+        return _gemm_reference_layer(x, layer)
     dtype, why = _compute_dtype(x)
     if dtype is None:
         _warn_once(why)
-        return gemm_reference(x, qweight, qzeros, scales, g_idx, bits, bias)
-
-    group_size = kernel[GROUP_SIZE_KEY].shape[1]
-    perm = kernel.get(PERM_KEY)
-    qw = kernel.get(QWEIGHT_KEY, qweight)
-    n = qweight.shape[1]
-    x2 = x.reshape(-1, k).to(dtype)
-    s = scales.to(dtype)
-    b = bias.to(dtype) if bias is not None else None
-    min_m = CUDA_DEQUANT_MIN_M if x.is_cuda else CPU_DEQUANT_MIN_M
-    if x2.shape[0] >= min_m:
-        mm_dtype = dtype if x.is_cuda else torch.float32
-        w = torch.ops.bluelm_quant.dequantize_4bit(qw, qzeros, s, group_size, mm_dtype)
-        xp = (x2 if perm is None else x2.index_select(1, perm)).to(mm_dtype)
-        y = torch.matmul(xp, w) if b is None else torch.addmm(b.to(mm_dtype), xp, w)
-    else:
-        y = torch.ops.bluelm_quant.gemm_4bit(x2, qw, qzeros, s, perm, group_size, b)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        return _gemm_reference_layer(x, layer)
+    x2 = x.reshape(-1, k)
+    key = (x.device, dtype, layer.bits, layer.group_size, layer.perm is not None, k)
+    if not kernel_check.STATE.path_ok(key, _path(x2.shape[0], x.device), lambda: _self_check(layer, dtype, x.device)):
+        return _gemm_reference_layer(x, layer)
+    return _run_kernel(x2, layer, dtype).to(x.dtype).reshape(*x.shape[:-1], layer.qweight.shape[1])
 
 
 __all__ = [
+    "QLayer",
     "QuantOpError",
     "backend",
     "check_layer",
+    "dequantize",
     "dequantize_reference",
     "gemm",
     "gemm_reference",
     "pack_multiple",
     "prepare",
+    "standard_qweight",
 ]

@@ -84,16 +84,15 @@ def assert_matches_oracle(y, x, layer, bias=None, weight_eps=0.0):
     assert worst <= 1.0, f"max error {err.max().item():.3e} is {worst:.2f}x the tolerance (shape {tuple(y.shape)})"
 
 
-def prepared(layer):
+def prepared(layer, bias=None):
     qw, qz, s, g, _ = layer
-    kernel = ops.prepare(qw, qz, s, g, 4)
-    assert ops.GROUP_SIZE_KEY in kernel, "prepare refused a layout the kernels support"
-    return kernel
+    q = ops.prepare(qw, qz, s, g, 4, bias)
+    assert q.group_size is not None, "prepare refused a layout the kernels support"
+    return q
 
 
 def run_gemm(x, layer, bias=None):
-    qw, qz, s, g, _ = layer
-    return ops.gemm(x, qw, qz, s, g, 4, bias, prepared(layer))
+    return ops.gemm(x, prepared(layer, bias))
 
 
 # --- the build --------------------------------------------------------------------------------
@@ -167,10 +166,9 @@ def test_gemm_matches_oracle(k, n, group_size, sym, act_order, with_bias, m, dty
 def test_fused_kernel_at_large_m(m):
     """ops.gemm takes the dequantize + matmul path here; the fused op must still be right."""
     layer = make_layer(576, 40, 128, act_order=True, seed=3)
-    kernel = prepared(layer)
-    qw, qz, s, g, gs = layer
+    q = prepared(layer)
     x = activations(m, 576, torch.float32)
-    y = OPS.gemm_4bit(x, kernel[ops.QWEIGHT_KEY], qz, s, kernel[ops.PERM_KEY], gs, None)
+    y = OPS.gemm_4bit(x, q.qweight, q.qzeros, q.scales, q.perm, q.group_size, None)
     assert_matches_oracle(y, x, layer)
 
 
@@ -201,7 +199,7 @@ def test_quantlinear_uses_the_kernel():
     from bluelm_quant.config import QuantConfig
 
     q = QuantLinear.from_linear(lin, QuantConfig(bits=4, group_size=64), dtype=torch.float32)
-    assert ops.GROUP_SIZE_KEY in dict(q.named_buffers())
+    assert q.kernel_group_size == 64
     x = torch.randn(5, 256)
     with torch.no_grad():
         ref = x.double() @ q.dequantize(torch.float64).T + q.bias.double()
@@ -226,15 +224,14 @@ def test_output_needs_no_zeroing():
 def test_deterministic_across_calls_and_threads():
     layer = make_layer(1024, 264, 128, act_order=True, seed=9)
     x = activations(5, 1024, torch.float32)
-    kernel = prepared(layer)
-    qw, qz, s, g, _ = layer
+    q = prepared(layer)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = ops.gemm(x, qw, qz, s, g, 4, None, kernel)
+        y1 = ops.gemm(x, q)
         torch.set_num_threads(2)
-        y2 = ops.gemm(x, qw, qz, s, g, 4, None, kernel)
-        y3 = ops.gemm(x, qw, qz, s, g, 4, None, kernel)
+        y2 = ops.gemm(x, q)
+        y3 = ops.gemm(x, q)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(y1, y2) and torch.equal(y2, y3)
@@ -254,29 +251,31 @@ def test_non_contiguous_inputs_are_copied():
 
 def test_prepare_act_order_repacks_rows():
     qw, qz, s, g, gs = make_layer(256, 16, 64, act_order=True)
-    kernel = ops.prepare(qw, qz, s, g, 4)
-    perm = kernel[ops.PERM_KEY].long()
-    assert kernel[ops.GROUP_SIZE_KEY].shape == (0, 64)
+    q = ops.prepare(qw, qz, s, g, 4)
+    perm = q.perm.long()
+    assert q.group_size == 64
     assert torch.equal(g[perm], (torch.arange(256) // 64).to(torch.int32))  # groups now contiguous runs
-    # Repacked rows are the original rows in perm order.
+    # Repacked rows are the original rows in perm order; the standard order comes back bit for bit.
     w = ops.dequantize_reference(qw, qz, s, g, 4)
-    w_perm = ops.dequantize_reference(kernel[ops.QWEIGHT_KEY], qz, s, g[perm], 4)
+    w_perm = ops.dequantize_reference(q.qweight, qz, s, g[perm], 4)
     assert torch.equal(w_perm, w[perm])
+    assert torch.equal(ops.dequantize(q), w)
+    assert torch.equal(ops.standard_qweight(q), qw)
 
 
-def test_prepare_without_act_order_adds_nothing_but_group_size():
+def test_prepare_without_act_order_changes_nothing_but_group_size():
     qw, qz, s, g, _ = make_layer(576, 16, 128)
-    kernel = ops.prepare(qw, qz, s, g, 4)
-    assert set(kernel) == {ops.GROUP_SIZE_KEY} and kernel[ops.GROUP_SIZE_KEY].numel() == 0
+    q = ops.prepare(qw, qz, s, g, 4)
+    assert q.group_size == 128 and q.perm is None and q.qweight is qw
 
 
 def test_prepare_refuses_uneven_groups_and_gemm_stays_correct():
     qw, qz, s, g, gs = make_layer(64, 16, 32)
     g = torch.cat([torch.zeros(24), torch.ones(40)]).to(torch.int32)  # groups of 24 and 40 rows
-    assert ops.prepare(qw, qz, s, g, 4) == {}
+    q = ops.prepare(qw, qz, s, g, 4)
+    assert q.group_size is None and q.perm is None
     x = activations(3, 64, torch.float32)
-    y = ops.gemm(x, qw, qz, s, g, 4, None, {})
-    assert_matches_oracle(y, x, (qw, qz, s, g, 40))
+    assert_matches_oracle(ops.gemm(x, q), x, (qw, qz, s, g, 40))
 
 
 def test_prepare_other_bit_widths_use_reference():
@@ -284,7 +283,7 @@ def test_prepare_other_bit_widths_use_reference():
 
     qw = pq(torch.randint(0, 256, (64, 16), dtype=torch.int32), 8)
     qz = pz(torch.full((1, 16), 128, dtype=torch.int32), 8)
-    assert ops.prepare(qw, qz, torch.rand(1, 16), torch.zeros(64, dtype=torch.int32), 8) == {}
+    assert ops.prepare(qw, qz, torch.rand(1, 16), torch.zeros(64, dtype=torch.int32), 8).group_size is None
 
 
 # --- error paths ---------------------------------------------------------------------------------
@@ -315,9 +314,9 @@ def test_errors_name_the_problem():
 def test_gateway_errors():
     qw, qz, s, g, gs = make_layer(256, 24, 64)
     with pytest.raises(ops.QuantOpError, match="in_features=256"):
-        ops.gemm(torch.randn(2, 248), qw, qz, s, g, 4, None, prepared((qw, qz, s, g, gs)))
+        ops.gemm(torch.randn(2, 248), prepared((qw, qz, s, g, gs)))
     with pytest.raises(ops.QuantOpError, match="are on meta but"):
-        ops.gemm(torch.randn(2, 256, device="meta"), qw, qz, s, g, 4, None, {})
+        ops.gemm(torch.randn(2, 256, device="meta"), ops.QLayer(qw, qz, s, g, 4))
 
 
 def test_empty_batch():
@@ -330,20 +329,19 @@ def test_empty_batch():
 
 def test_opcheck():
     qw, qz, s, g, gs = make_layer(576, 24, 128, act_order=True)
-    kernel = ops.prepare(qw, qz, s, g, 4)
+    q = ops.prepare(qw, qz, s, g, 4)
     x = activations(3, 576, torch.float32)
     bias = torch.randn(24)
-    torch.library.opcheck(OPS.gemm_4bit.default, (x, kernel[ops.QWEIGHT_KEY], qz, s, kernel[ops.PERM_KEY], gs, bias))
+    torch.library.opcheck(OPS.gemm_4bit.default, (x, q.qweight, qz, s, q.perm, gs, bias))
     torch.library.opcheck(OPS.dequantize_4bit.default, (qw, qz, s, gs, torch.bfloat16))
 
 
 def test_compiles_without_graph_breaks():
-    layer = make_layer(256, 24, 64, act_order=True)
-    qw, qz, s, g, _ = layer
-    kernel = prepared(layer)
+    q = prepared(make_layer(256, 24, 64, act_order=True))
+    ops.gemm(activations(1, 256, torch.float32), q)  # the first call checks the kernel, eagerly
 
     def f(x):
-        return ops.gemm(x, qw, qz, s, g, 4, None, kernel)
+        return ops.gemm(x, q)
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
     for m in (2, 5):

@@ -39,8 +39,7 @@ def random_layer(k: int, n: int, group_size: int, dtype, device):
     qzeros = torch.randint(-(2**31), 2**31 - 1, (groups, n // 8), dtype=torch.int32, device=device)
     scales = (torch.rand(groups, n, device=device) * 0.02 + 0.001).to(dtype)
     g_idx = (torch.arange(k, dtype=torch.int32) // group_size).to(device)
-    kernel = ops.prepare(qweight, qzeros, scales, g_idx, 4)
-    return qweight, qzeros, scales, g_idx, kernel
+    return ops.prepare(qweight, qzeros, scales, g_idx, 4)
 
 
 def layer_bytes(m: int, k: int, n: int, group_size: int, elem: int) -> int:
@@ -155,7 +154,7 @@ def bench_cuda(args) -> dict:
         dense = [torch.randn(k, n, dtype=dtype, device="cuda") for _ in range(dense_copies)]
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
-            fns = [lambda L=L: ops.gemm(x, L[0], L[1], L[2], L[3], 4, None, L[4]) for L in layers]
+            fns = [lambda L=L: ops.gemm(x, L) for L in layers]
             calls = max(len(fns), args.calls)
             us, note = cuda_time_us(fns, calls, args.iters)
             notes.add(note)
@@ -213,12 +212,12 @@ def bench_cpu(args) -> dict:
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.lower().split("x"))
         for dtype in (torch.float32, torch.bfloat16):
-            qweight, qzeros, scales, g_idx, kernel = random_layer(k, n, args.group_size, dtype, "cpu")
+            layer = random_layer(k, n, args.group_size, dtype, "cpu")
             w32 = torch.randn(k, n)
             w16 = w32.to(torch.bfloat16)
             for m in (int(v) for v in args.m.split(",")):
                 x = torch.randn(m, k, dtype=dtype)
-                us = cpu_time_us(lambda: ops.gemm(x, qweight, qzeros, scales, g_idx, 4, None, kernel), args.iters)
+                us = cpu_time_us(lambda: ops.gemm(x, layer), args.iters)
                 x32, x16 = x.float(), x.to(torch.bfloat16)
                 fp32_us = cpu_time_us(lambda: torch.matmul(x32, w32), args.iters)
                 bf16_us = cpu_time_us(lambda: torch.matmul(x16, w16), args.iters)
