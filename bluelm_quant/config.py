@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 SUPPORTED_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # v1 zeros (stored zero - 1) / true zeros
 ACT_ORDERS = ("off", "static", "dynamic")
+CLIP_WEIGHTS = ("uniform", "hessian")
 # What a `dynamic` rule may change for the modules it matches.
 OVERRIDABLE = ("bits", "group_size", "sym", "desc_act")
 
@@ -44,6 +45,7 @@ class QuantConfig:
     true_sequential: bool = True
     damp_percent: float = 0.01
     mse_clip: bool = False  # search a clipped range that minimises the grid's MSE
+    clip_weights: str = "uniform"  # "hessian": GPTQ's clip search weighs each column by its Hessian diagonal
     checkpoint_format: str = "gptq"
     lm_head: bool = False
     dynamic: dict = field(default_factory=dict)  # per-module overrides (see the module docstring)
@@ -66,6 +68,8 @@ class QuantConfig:
             raise QuantConfigError(
                 f"checkpoint_format={self.checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}"
             )
+        if self.clip_weights not in CLIP_WEIGHTS:
+            raise QuantConfigError(f"clip_weights={self.clip_weights!r} is not one of {CLIP_WEIGHTS}")
         if not isinstance(self.dynamic, dict):
             raise QuantConfigError(f"dynamic must be a dict of regex -> overrides, got {type(self.dynamic).__name__}")
         for pattern, overrides in self.dynamic.items():
@@ -105,6 +109,8 @@ class QuantConfig:
     def to_dict(self) -> dict:
         """The quantize_config.json / quantization_config keys the ecosystem reads."""
         meta = {"quantizer": "bluelm-quant", "mse_clip": self.mse_clip, "act_order": self.act_order}
+        if self.mse_clip:
+            meta["clip_weights"] = self.clip_weights
         meta.update(self.extra.get("meta", {}))  # another tool's record (a converted checkpoint) stays
         d = {
             "bits": self.bits,
@@ -136,11 +142,12 @@ class QuantConfig:
             )
         if "bits" not in d:
             raise QuantConfigError(f"{source}: has no 'bits' key")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "mse_clip"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "mse_clip", "clip_weights"}
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
         kwargs["dynamic"] = kwargs.get("dynamic") or {}
         meta = dict(d.pop("meta", None) or {})
         kwargs["mse_clip"] = bool(meta.pop("mse_clip", False))
+        kwargs["clip_weights"] = meta.pop("clip_weights", "uniform")
         act_order = meta.pop("act_order", None)
         if act_order == "static":  # written as desc_act false: the layout is the plain one
             kwargs.update(desc_act=True, static_groups=True)
