@@ -40,18 +40,17 @@ TOOLS = REPO / "tools"
 
 SELF_CHECK = """
 import json, torch
-from bluelm_quant import ops
+from bluelm_quant import kernel_check
 from bluelm_quant.nn import QuantLinear
 from bluelm_quant.config import QuantConfig
 device, dtype = {device!r}, getattr(torch, {dtype!r})
-results = []
 for k, n, act_order in {shapes!r}:
     layer = QuantLinear.from_linear(torch.nn.Linear(k, n), QuantConfig(group_size=128, desc_act=act_order)).to(device, dtype)
     if act_order:
         layer.g_idx = layer.g_idx[torch.randperm(k, generator=torch.Generator().manual_seed(0))].to(device)
         layer.post_init()
     layer(torch.randn(1, k, device=device, dtype=dtype))
-print(json.dumps(ops.self_check_report()))
+print(json.dumps(kernel_check.report()))
 """
 
 
