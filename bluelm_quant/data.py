@@ -448,11 +448,16 @@ def calibration_windows(tokenizer, sources: Sequence | None = None, nsamples: in
 def _warn_calibration_overlap(per_source) -> None:
     """Warns when two calibration sources hold the same text (a file given twice, or two
     extracts of one document): those windows weigh double and the mix is not what it says."""
-    from .overlap import DEFAULT_NGRAM, Overlap, count_overlapping
+    from .overlap import DEFAULT_NGRAM, Overlap, rows_hitting, span_hashes
 
+    if len(per_source) < 2:
+        return
+    # Each source hashed once: its windows' spans, and the set of its stream's spans.
+    rows = [span_hashes(windows) for _, windows, _ in per_source]
+    spans = [span_hashes(stream).flatten().unique() for _, _, stream in per_source]
     for i, (name_a, windows_a, _) in enumerate(per_source):
-        for name_b, _, stream_b in per_source[i + 1:]:
-            k = count_overlapping(windows_a, stream_b, DEFAULT_NGRAM)
+        for j in range(i + 1, len(per_source)):
+            k = rows_hitting(rows[i], spans[j])
             if k:
-                logger.warning(Overlap(name_a, name_b, k, windows_a.shape[0], DEFAULT_NGRAM).message(
+                logger.warning(Overlap(name_a, per_source[j][0], k, windows_a.shape[0], DEFAULT_NGRAM).message(
                     "calibration sources overlap, so that text weighs double in the mix"))

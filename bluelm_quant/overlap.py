@@ -67,31 +67,39 @@ def span_hashes(rows: torch.Tensor, ngram: int = DEFAULT_NGRAM) -> torch.Tensor:
     return out
 
 
-def count_overlapping(a: torch.Tensor, b: torch.Tensor, ngram: int = DEFAULT_NGRAM) -> int:
-    """How many rows of `a` share at least one `ngram`-token span with any row of `b`."""
-    ha = span_hashes(a, ngram)
-    hb = span_hashes(b, ngram).flatten()
+def rows_hitting(ha: torch.Tensor, hb: torch.Tensor) -> int:
+    """How many rows of span hashes `ha` [n, positions] hold a hash of `hb`, a sorted
+    1-D set (`span_hashes(...).flatten().unique()`)."""
     if ha.numel() == 0 or hb.numel() == 0:
         return 0
-    return int(torch.isin(ha, hb).any(dim=1).sum())
+    # Binary search in the sorted set; torch.isin would sort `hb` again on every call.
+    idx = torch.searchsorted(hb, ha).clamp_(max=hb.numel() - 1)
+    return int((hb[idx] == ha).any(dim=1).sum())
+
+
+def count_overlapping(a: torch.Tensor, b: torch.Tensor, ngram: int = DEFAULT_NGRAM) -> int:
+    """How many rows of `a` share at least one `ngram`-token span with any row of `b`."""
+    return rows_hitting(span_hashes(a, ngram), span_hashes(b, ngram).flatten().unique())
 
 
 def find_overlaps(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor] | None = None,
                   ngram: int = DEFAULT_NGRAM) -> list[Overlap]:
     """Overlaps of every input of `first` with every input of `second`.
 
-    Inputs are named LongTensors of token ids, [n, seqlen] windows or 1-D streams. With
-    `second` None, the inputs of `first` are compared with each other (each pair once).
+    Inputs are named LongTensors of token ids, [n, seqlen] windows or 1-D streams (one
+    row). With `second` None, the inputs of `first` are compared with each other (each
+    pair once, counting rows of the earlier one).
     """
+    others = first if second is None else second
     pairs = ([(a, b) for i, a in enumerate(first) for b in list(first)[i + 1:]] if second is None
              else [(a, b) for a in first for b in second])
-    others = first if second is None else second
+    rows = {a: span_hashes(t, ngram) for a, t in first.items()}  # each input hashed once
+    spans = {b: span_hashes(t, ngram).flatten().unique() for b, t in others.items()}
     found = []
     for a, b in pairs:
-        rows = first[a].reshape(1, -1) if first[a].dim() == 1 else first[a]
-        k = count_overlapping(rows, others[b], ngram)
+        k = rows_hitting(rows[a], spans[b])
         if k:
-            found.append(Overlap(a, b, k, rows.shape[0], ngram))
+            found.append(Overlap(a, b, k, rows[a].shape[0], ngram))
     return found
 
 

@@ -158,10 +158,13 @@ def _within_budget(pages: list[list[str]], seen: set, budget: int) -> str:
     """Unseen paragraphs, page after page, while the file stays under `budget` bytes."""
     out, size = [], 0
     for page in pages:
-        for p in _dedupe(page, seen):
+        for p in page:
+            if p in seen:
+                continue
             size += len(p.encode("utf-8")) + 2
             if size > budget:
                 return "\n\n".join(out) + "\n"
+            seen.add(p)  # only what is written: later files may still use the rest
             out.append(p)
     return "\n\n".join(out) + "\n"
 
