@@ -18,6 +18,11 @@ or `Source.template`, a `str.format` template over the record such as
 "{instruction}\\n{output}". `Source.chat` formats prompt/response records as a chat:
 "bluelm" ([|Human|]:{q}[|AI|]:{a}</s>), "template" (the tokenizer's chat template),
 or a callable (prompt, response) -> str.
+
+Bundled sets (texts/SOURCES.md): `eval_windows(tok, lang, domain)` gives the in-domain
+held-out or the out-of-domain evaluation windows, `calibration_mix(name)` a named mix
+of calibration sources. `check_eval_overlap` and `calibration_windows` warn when inputs
+share text (bluelm_quant.overlap).
 """
 from __future__ import annotations
 
@@ -154,9 +159,13 @@ def _bundled_file(name: str) -> Path:
     return path
 
 
-def _check_lang_domain(lang: str, domain: str) -> None:
+def _check_lang(lang: str) -> None:
     if lang not in LANGS:
         raise ValueError(f"lang={lang!r}: bundled texts exist for {LANGS}")
+
+
+def _check_lang_domain(lang: str, domain: str) -> None:
+    _check_lang(lang)
     if domain not in DOMAINS:
         raise ValueError(f"domain={domain!r} must be one of {DOMAINS} (in: held-out chapters of "
                          "the calibration document; out: documents no calibration mix uses)")
@@ -212,7 +221,7 @@ def calibration_mix(name: str = "default", chat: ChatFormat = "template",
     sources = []
     for source in CALIB_MIXES[name]:
         for lang in langs:
-            _check_lang_domain(lang, "in")
+            _check_lang(lang)
             path = _bundled_file(CALIB_SOURCES[source].format(lang=lang))
             sources.append(Source(path, chat=chat) if source == "chat" else Source(path))
     return sources
