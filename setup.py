@@ -53,4 +53,7 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    # vLLM calls every `vllm.general_plugins` entry point in each of its processes:
+    # this one registers BlueLM (bluelm_quant/vllm_plugin.py; a no-op without vLLM).
+    entry_points={"vllm.general_plugins": ["bluelm = bluelm_quant.vllm_plugin:register"]},
 )
