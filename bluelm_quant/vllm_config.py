@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 
+import vllm.config  # noqa: F401  (first: importing the convertor module alone is circular in vLLM 0.32)
 from vllm.transformers_utils.model_arch_config_convertor import (
     MODEL_ARCH_CONFIG_CONVERTORS,
     ModelArchConfigConvertorBase,

@@ -74,7 +74,7 @@ def assert_matches_reference(out, ref: torch.Tensor, *, atol: float, tie: float)
       within `tie` of each other there (a near-tie that rounding may break either way).
     If no near-tie occurs, the second check means vLLM's tokens equal our own greedy decoding
     (each step's token is our unique argmax given the same prefix).
-    Returns {"max_diff": ..., "near_ties": ...} for the caller to report.
+    Returns {"max_diff", "near_ties", "other_picks" (near-ties vLLM broke the other way)} to report.
     """
     prompt = list(out.prompt_token_ids)
     completion = out.outputs[0]
@@ -84,12 +84,13 @@ def assert_matches_reference(out, ref: torch.Tensor, *, atol: float, tie: float)
     for t in range(1, len(prompt)):
         theirs = out.prompt_logprobs[t][prompt[t]].logprob
         diffs.append(abs(theirs - float(ref[t - 1, prompt[t]])))
-    near_ties = 0
+    near_ties = other_picks = 0
     for k, token in enumerate(generated):
         row = ref[len(prompt) - 1 + k]
         diffs.append(abs(completion.logprobs[k][token].logprob - float(row[token])))
         top2 = row.topk(2).values
         if int(row.argmax()) != token:
+            other_picks += 1
             assert float(row.max() - row[token]) <= tie, (
                 f"step {k}: vLLM picked {token} (our logprob {float(row[token]):.4f}) but our argmax is "
                 f"{int(row.argmax())} ({float(row.max()):.4f})")
@@ -97,4 +98,4 @@ def assert_matches_reference(out, ref: torch.Tensor, *, atol: float, tie: float)
             near_ties += 1
     max_diff = max(diffs)
     assert max_diff <= atol, f"logprobs differ by up to {max_diff:.3g} (> {atol})"
-    return {"max_diff": max_diff, "near_ties": near_ties}
+    return {"max_diff": max_diff, "near_ties": near_ties, "other_picks": other_picks}
