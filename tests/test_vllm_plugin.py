@@ -143,3 +143,26 @@ def test_missing_shape_key_is_a_named_error(tmp_path, missing):
     config = load_config(model_dir)  # BlueLMConfig falls back to BlueLM-7B's value
     with pytest.raises(BlueLMConfigError, match=f"no '{missing}'"):
         BlueLMArchConfigConvertor(config, config).convert()
+
+
+@pytest.mark.vllm
+@needs_vllm
+@pytest.mark.parametrize("rope", [None, {"type": "linear", "factor": 2.0}, {"type": "ntkmixed", "factor": 4.0, "power": 0.3}])
+def test_vllm_rope_table_is_our_cos_sin(rope):
+    """Every RoPE type the plugin serves: vLLM's cos/sin table equals what our model computes."""
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from bluelm_quant.models.bluelm.modeling_bluelm import BlueLMRotaryEmbedding as OurRope
+    from bluelm_quant.models.bluelm.modeling_bluelm import compute_bluelm_inv_freq
+    from bluelm_quant.vllm_bluelm import BlueLMRotaryEmbedding
+
+    config = BlueLMConfig(hidden_size=128, num_attention_heads=4, rope_scaling=rope)
+    positions = 3000  # past 2048, where ntkmixed's stretch matters most
+    with set_current_vllm_config(VllmConfig()):  # vLLM's CustomOp needs a current config
+        table = BlueLMRotaryEmbedding(compute_bluelm_inv_freq(config)[0], 32, positions, 10000.0, torch.float32)
+    cos, sin = table.cos_sin_cache.chunk(2, dim=-1)
+    our_cos, our_sin = OurRope(config)(torch.zeros(1), torch.arange(positions)[None])
+    # rotate-half: our tables repeat the 16 frequencies twice; vLLM stores them once.
+    assert torch.equal(cos, our_cos[0, :, :16]) and torch.equal(sin, our_sin[0, :, :16])
+    assert torch.equal(our_cos[0, :, :16], our_cos[0, :, 16:])
