@@ -50,17 +50,17 @@ setup(
     package_data={"bluelm_quant": ["texts/*"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
             "bluelm-quantize = bluelm_quant.cli.quantize:main",
             "bluelm-chat = bluelm_quant.cli.chat:main",
             "bluelm-eval-ppl = bluelm_quant.cli.eval_ppl:main",
         ],
+        # vLLM calls every `vllm.general_plugins` entry point in each of its processes:
+        # this one registers BlueLM (bluelm_quant/vllm_plugin.py; a no-op without vLLM).
+        "vllm.general_plugins": ["bluelm = bluelm_quant.vllm_plugin:register"],
     },
-    python_requires=">=3.10",
-    install_requires=INSTALL_REQUIRES,
-    extras_require=EXTRAS_REQUIRE,
-    # vLLM calls every `vllm.general_plugins` entry point in each of its processes:
-    # this one registers BlueLM (bluelm_quant/vllm_plugin.py; a no-op without vLLM).
-    entry_points={"vllm.general_plugins": ["bluelm = bluelm_quant.vllm_plugin:register"]},
 )
