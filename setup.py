@@ -58,6 +58,7 @@ setup(
             "bluelm-quantize = bluelm_quant.cli.quantize:main",
             "bluelm-chat = bluelm_quant.cli.chat:main",
             "bluelm-eval-ppl = bluelm_quant.cli.eval_ppl:main",
+            "bluelm-convert = bluelm_quant.cli.convert:main",
         ],
         # vLLM calls every `vllm.general_plugins` entry point in each of its processes:
         # this one registers BlueLM (bluelm_quant/vllm_plugin.py; a no-op without vLLM).

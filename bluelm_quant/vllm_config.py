@@ -24,7 +24,7 @@ from vllm.transformers_utils.model_arch_config_convertor import (
     ModelArchConfigConvertorBase,
 )
 
-from .models.bluelm.checkpoint_vocab import bluelm_vocab_rows_from_checkpoint
+from .modeldir import ModelDir
 from .models.bluelm.configuration_bluelm import BlueLMConfig, BlueLMConfigError
 
 # RoPE types whose cos/sin vLLM can precompute once for every position. transformers' "dynamic"
@@ -77,7 +77,10 @@ def check_config_file(model_dir: str) -> None:
 def checkpoint_vocab_rows(config) -> int | None:
     """Embedding rows of the local checkpoint `config` was read from (None if not local)."""
     model_dir = getattr(config, "name_or_path", None) or ""
-    return bluelm_vocab_rows_from_checkpoint(model_dir) if os.path.isdir(model_dir) else None
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        return None
+    checkpoint = ModelDir(model_dir)
+    return checkpoint.embedding_rows if checkpoint.has_weights() else None
 
 
 class BlueLMArchConfigConvertor(ModelArchConfigConvertorBase):
