@@ -29,6 +29,7 @@ import torch
 
 from .atomic import atomic_directory
 from .config import QuantConfig
+from .engines import engine_notes
 from .modeldir import CONFIG_FILE, ModelDir
 from .packing import convert_qzeros, unpack_qzeros
 from .quantizer import default_g_idx
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-# What vLLM's GPTQ path accepts (see docs/CHECKPOINTS.md, "Who loads what").
-VLLM_GROUP_SIZES = (-1, 32, 64, 128)
 
 
 class ConversionError(CheckpointError):
@@ -205,19 +204,4 @@ def _quantized_tensor(model_dir: ModelDir, module: str, suffix: str, t: torch.Te
         yield f"{module}.bias", t.to(report.dtype)
 
 
-def engine_notes(config: QuantConfig) -> list[str]:
-    """Why vLLM would still refuse a checkpoint with these settings (empty: it serves it)."""
-    notes = []
-    if not config.sym:
-        notes.append("asymmetric zeros: vLLM's GPTQ path serves symmetric checkpoints only "
-                     "(GPTQModel and transformers load it)")
-    if config.bits != 4:
-        notes.append(f"{config.bits}-bit: vLLM's GPTQ path serves 4-bit (and symmetric 8-bit on GPUs) only")
-    if config.group_size not in VLLM_GROUP_SIZES:
-        notes.append(f"group size {config.group_size}: vLLM accepts {VLLM_GROUP_SIZES} only")
-    if config.act_order == "dynamic":
-        notes.append("dynamic act-order (desc_act true): vLLM refuses it")
-    return notes
-
-
-__all__ = ["ConversionError", "ConversionReport", "convert", "engine_notes"]
+__all__ = ["ConversionError", "ConversionReport", "convert"]

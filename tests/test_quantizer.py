@@ -99,3 +99,16 @@ def test_dynamic_overrides_per_module():
         QuantConfig(dynamic={"+:x": {"group_size": 12}})
     with pytest.raises(QuantConfigError, match="not a valid regex"):
         QuantConfig(dynamic={"+:(": {}})
+
+
+def test_engine_rules_for_group_sizes_and_settings():
+    from bluelm_quant.engines import dividing_group_size, engine_notes, partial_group_widths
+
+    smollm2 = [576, 576, 1536]  # q/k/v/o/gate/up read 576 inputs, down_proj 1536
+    assert partial_group_widths(128, smollm2) == [576] and partial_group_widths(-1, smollm2) == []
+    assert dividing_group_size(128, smollm2) == 64
+    assert dividing_group_size(128, [4096, 11008]) == 128  # BlueLM-7B: g128 fits
+    assert dividing_group_size(128, [4096, 100]) is None
+    assert engine_notes(QuantConfig(desc_act=True, static_groups=True)) == []
+    notes = " ".join(engine_notes(QuantConfig(bits=3, sym=False, group_size=256, desc_act=True)))
+    assert "asymmetric" in notes and "3-bit" in notes and "group size 256" in notes and "dynamic act-order" in notes

@@ -15,6 +15,7 @@ pytest.importorskip("vllm")
 
 from bluelm_fixtures import SP_VOCAB, make_tiny_bluelm_dir  # noqa: E402
 from bluelm_quant.models.bluelm import BlueLMForCausalLM, BlueLMTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 from vllm_support import assert_matches_reference, engine, greedy_params, reference_logprobs  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -68,7 +69,7 @@ class TestPlainRope:
         assert llm.llm_engine.model_config.get_vocab_size() == ROWS
 
     def test_matches_our_model(self, llm, model_dir):
-        ours = BlueLMForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        ours = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # rows from the checkpoint
         assert ours.config.vocab_size == ROWS
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts(ROWS)], greedy_params(12), use_tqdm=False)
         for out in outs:
@@ -88,7 +89,7 @@ class TestNtkMixed:
             yield llm
 
     def test_matches_our_model_and_tokenizer(self, llm, model_dir):
-        ours = BlueLMForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        ours = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # rows from the checkpoint
         assert ours.config.rope_type == "ntkmixed"
         tokenizer = BlueLMTokenizer.from_pretrained(model_dir)
         texts = ["[|Human|]:你好，请介绍一下你自己。[|AI|]:",
