@@ -23,6 +23,7 @@ Tensor layout (the standard GPTQ one, K = in_features, N = out_features):
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -141,8 +142,44 @@ def backend() -> str:
     if _ext is None:
         return f"reference (extension not built: {_ext_error})"
     if _ext.with_cuda:
-        return f"cuda+cpu kernels (TORCH_CUDA_ARCH_LIST {_ext.cuda_archs}; CPU {_ext.cpu_isa})"
-    return f"cpu-kernel ({_ext.cpu_isa}; no CUDA kernels in this build)"
+        return f"cuda+cpu kernels (TORCH_CUDA_ARCH_LIST {_ext.cuda_archs}; CPU {_ext.get_cpu_isa()})"
+    return f"cpu-kernel ({_ext.get_cpu_isa()}; no CUDA kernels in this build)"
+
+
+CPU_ISAS = ("avx512", "avx2", "scalar")  # best first
+CPU_ISA_ENV = "BLUELM_QUANT_CPU_ISA"
+
+
+def cpu_isa() -> str | None:
+    """The CPU kernel body in use ('avx512', 'avx2' or 'scalar'); None without the extension."""
+    return _ext.get_cpu_isa() if _ext is not None else None
+
+
+def set_cpu_isa(name: str) -> str:
+    """Run the CPU kernels on body `name` ('avx512', 'avx2', 'scalar' or 'best'); returns the one in use.
+
+    For tests and speed comparisons. A body this CPU cannot run is replaced by the best one
+    it can (with a warning), so a forced body never executes an unsupported instruction.
+    The BLUELM_QUANT_CPU_ISA environment variable does the same at import.
+    """
+    if _ext is None:
+        raise QuantOpError(f"set_cpu_isa({name!r}): the quant_cuda extension is not usable ({_ext_error})")
+    if name not in CPU_ISAS + ("best",):
+        raise QuantOpError(f"unknown CPU kernel body {name!r}: use one of {', '.join(CPU_ISAS)} or 'best'")
+    got = _ext.set_cpu_isa(name)
+    if name != "best" and got != name:
+        log.warning(
+            "bluelm_quant.ops: this CPU cannot run the %s kernels (it has %s): using %s",
+            name, _ext.cpu_isa_detected, got,
+        )
+    return got
+
+
+if _ext is not None and os.environ.get(CPU_ISA_ENV):
+    try:
+        set_cpu_isa(os.environ[CPU_ISA_ENV].strip().lower())
+    except QuantOpError as e:  # a typo must not stop the package from importing: say so, keep the best body
+        log.warning("bluelm_quant.ops: %s=%r ignored: %s", CPU_ISA_ENV, os.environ[CPU_ISA_ENV], e)
 
 
 if _ext is not None:
@@ -220,11 +257,31 @@ def prepare(qweight, qzeros, scales, g_idx, bits: int) -> dict[str, torch.Tensor
 # --- dispatch --------------------------------------------------------------------------------
 
 
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_USABLE_CPUS = _usable_cpus()
+
+
+def _check_cpu_threads() -> None:
+    """The CPU kernels run min(torch threads, usable CPUs) threads; say so once when capped."""
+    n = torch.get_num_threads()
+    if n > _USABLE_CPUS:
+        _warn_once(
+            f"torch.get_num_threads() is {n} but this process may run on {_USABLE_CPUS} CPUs: the 4-bit CPU "
+            f"kernels use {_USABLE_CPUS} threads (torch.set_num_threads({_USABLE_CPUS}) also keeps torch's own "
+            "ops from oversubscribing the cores)"
+        )
+
+
 def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype | None, str]:
     """The dtype the kernel runs in for x, or (None, why not)."""
     if _ext is None:
         return None, f"the quant_cuda extension is not usable ({_ext_error}); all quantized matmuls use the reference path"
     if x.device.type == "cpu":
+        if not torch.compiler.is_compiling():  # torch.get_num_threads() would break the graph
+            _check_cpu_threads()
         if x.dtype in (torch.float32, torch.bfloat16):
             return x.dtype, ""
         if x.dtype == torch.float16:
@@ -278,10 +335,12 @@ def gemm(x, qweight, qzeros, scales, g_idx, bits: int, bias=None, kernel=None) -
 __all__ = [
     "QuantOpError",
     "backend",
+    "cpu_isa",
     "check_layer",
     "dequantize_reference",
     "gemm",
     "gemm_reference",
     "pack_multiple",
     "prepare",
+    "set_cpu_isa",
 ]

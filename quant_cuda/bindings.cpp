@@ -108,6 +108,10 @@ Layer check_layer(const char* op, const Tensor& qweight, const Tensor& qzeros, c
   TORCH_CHECK(false, op, ": ", status_message(status), " [status ", status, "] for ", call);
 }
 
+// The kernels use torch's thread setting (torch.set_num_threads); cpu_kernels.cpp caps it
+// at the CPUs this process may run on (bluelm_quant.ops.gemm says so once).
+void use_torch_threads() { cpu::set_cpu_threads(at::get_num_threads()); }
+
 #ifdef QUANT_CUDA_WITH_CUDA
 void* current_stream(const at::Device& d) {
   return static_cast<void*>(c10::cuda::getCurrentCUDAStream(d.index()).stream());
@@ -161,7 +165,7 @@ Tensor gemm_4bit(const Tensor& x_in, const Tensor& qweight_in, const Tensor& qze
         TORCH_CHECK(perm_ptr[r] >= 0 && perm_ptr[r] < L.K, op, ": perm[", r, "]=", perm_ptr[r],
                     " is not an input row index in [0, ", L.K, ")");
     }
-    cpu::set_cpu_threads(at::get_num_threads());
+    use_torch_threads();
     status = gemm_4bit_cpu(x.data_ptr(), qweight.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), scales.data_ptr(),
                            perm_ptr, bias_ptr, out.data_ptr(), M, L.K, L.N, group_size, dtype);
   }
@@ -192,7 +196,7 @@ Tensor dequantize_4bit(const Tensor& qweight_in, const Tensor& qzeros_in, const 
   Tensor out = at::empty({L.K, L.N}, scales.options());
   int status = kBadDType;
   if (dev.is_cpu()) {
-    cpu::set_cpu_threads(at::get_num_threads());
+    use_torch_threads();
     status = dequantize_4bit_cpu(qweight.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), scales.data_ptr(),
                                  out.data_ptr(), L.K, L.N, group_size, kernel_dtype(dtype));
   }
@@ -235,10 +239,36 @@ TORCH_LIBRARY_IMPL(bluelm_quant, CUDA, m) {
 #endif
 
 // A plain Python module (no pybind11): importing it runs the registrations above. Its
-// attributes say what was built, for bluelm_quant.ops.backend().
+// attributes say what was built, for bluelm_quant.ops.backend(); its two functions choose
+// the CPU body (bluelm_quant.ops.set_cpu_isa wraps them).
+namespace {
+PyObject* py_get_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(quant_cuda::cpu::isa_name(quant_cuda::cpu::active_isa()));
+}
+
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  quant_cuda::cpu::Isa isa;
+  if (!name || !quant_cuda::cpu::parse_isa(name, &isa)) {
+    PyErr_Clear();
+    PyErr_Format(PyExc_ValueError, "unknown CPU kernel path %R: use 'avx512', 'avx2', 'scalar' or 'best'", arg);
+    return nullptr;
+  }
+  return PyUnicode_FromString(quant_cuda::cpu::isa_name(quant_cuda::cpu::select_isa(isa)));
+}
+
+PyMethodDef kMethods[] = {
+    {"get_cpu_isa", py_get_cpu_isa, METH_NOARGS, "get_cpu_isa() -> the CPU body in use: 'avx512', 'avx2' or 'scalar'"},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O,
+     "set_cpu_isa(name) -> the body now in use: the best one not above `name` ('avx512', 'avx2', 'scalar'; "
+     "'best') that this CPU runs"},
+    {nullptr, nullptr, 0, nullptr},
+};
+}  // namespace
+
 extern "C" PyMODINIT_FUNC PyInit_quant_cuda(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "quant_cuda",
-                            "bluelm-quant 4-bit kernels; the ops are torch.ops.bluelm_quant.*", -1, nullptr};
+                            "bluelm-quant 4-bit kernels; the ops are torch.ops.bluelm_quant.*", -1, kMethods};
   PyObject* mod = PyModule_Create(&def);
   if (!mod) return nullptr;
 #ifdef QUANT_CUDA_WITH_CUDA
@@ -248,7 +278,7 @@ extern "C" PyMODINIT_FUNC PyInit_quant_cuda(void) {
 #endif
   if (PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(with_cuda)) < 0 ||
       PyModule_AddStringConstant(mod, "cuda_archs", kBuiltArchs) < 0 ||
-      PyModule_AddStringConstant(mod, "cpu_isa", cpu::cpu_isa()) < 0) {
+      PyModule_AddStringConstant(mod, "cpu_isa_detected", cpu::isa_name(cpu::detected_isa())) < 0) {
     Py_DECREF(mod);
     return nullptr;
   }

@@ -1,0 +1,263 @@
+// AVX-512 VNNI body of the 4-bit CPU GEMM (x86-64 with AVX-512 F/BW/VL and VNNI:
+// Intel Ice Lake / Sapphire Rapids and later, AMD Zen 4 and later). Compiled without
+// -mavx512*: every function carries a target attribute, so the rest of the extension stays
+// baseline x86-64 and the .so loads on any CPU; cpu_isa.cpp enables this body only when
+// the CPU and OS support it. For the same reason this file must not instantiate std
+// templates (they would be emitted as AVX-512 code that the linker may pick for other
+// files).
+//
+// Why integers: the fp32 paths spend three instructions per 16 weights (isolate the
+// nibble, convert to float, FMA) and were compute-bound at half the memory bandwidth.
+// vpdpbusd multiplies 64 unsigned bytes by 64 signed bytes and adds each 4 products into
+// 16 int32 lanes, so the 4-bit codes need no conversion: per 64 bytes of qweight (128
+// weights) the loop does 3 instructions to split the low and high nibbles of every byte
+// and 6 dot products (2 nibble halves x 3 activation digits, see cpu_kernels.h).
+//
+// Layout: qweight[kp][c] packs rows 8kp..8kp+7 of column c; byte i holds rows 2i (low
+// nibble) and 2i+1 (high). So a zmm of 16 columns, masked to the low nibbles, meets
+// activation rows 0,2,4,6 of the packed row in each lane, and the high nibbles meet rows
+// 1,3,5,7: the activation digits are stored in exactly that order, 4 bytes broadcast to
+// all lanes. Integer sums are exact; each group is folded into fp32 once:
+//   acc += scale * xscale * ((65536 A + 256 B + C) - zero * sum(q)),
+// A, B, C the group's dot products with digits a, b, c.
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_kernels.h"
+#include "kernels.h"
+
+#define QC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// GCC 12's own avx512fintrin.h trips this warning: its intrinsics pass the deliberately
+// uninitialised _mm512_undefined_*() as the unused merge operand.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// The register tiles below are small arrays of vectors indexed by loop counters. Unless
+// every such loop is unrolled, GCC keeps the arrays in memory and stores all
+// accumulators to the stack on every iteration (seen in the disassembly).
+#if defined(__clang__)
+#define QC_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define QC_UNROLL _Pragma("GCC unroll 16")
+#else
+#define QC_UNROLL
+#endif
+
+namespace quant_cuda {
+namespace cpu {
+
+namespace {
+
+// ---- activations --------------------------------------------------------------------
+
+// Low byte of each lane as a signed digit in [-128, 127]: q - 256 * round(q / 256).
+QC_AVX512 inline __m256i low_digit(__m256i q) {
+  const __m256i c128 = _mm256_set1_epi32(128);
+  return _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(q, c128), _mm256_set1_epi32(255)), c128);
+}
+
+// The 8 lanes as bytes in the order 0,2,4,6,1,3,5,7 (even rows meet low nibbles).
+QC_AVX512 inline void store_digit8(int8_t* dst, __m256i d) {
+  const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm256_cvtepi32_epi8(_mm256_permutexvar_epi32(even_odd, d)));
+}
+
+// ---- weights --------------------------------------------------------------------------
+
+QC_AVX512 inline __m512 load16(const void* p, int dtype, int64_t offset, __mmask16 mask) {
+  if (dtype == kFloat32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + offset);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + offset);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// bf16 rounding as float_to_bf16 (cpu_kernels.h): nearest even, NaN stays a quiet NaN.
+QC_AVX512 inline void store16(void* p, int dtype, int64_t offset, __m512 y, __mmask16 mask) {
+  if (dtype == kFloat32) return _mm512_mask_storeu_ps(static_cast<float*>(p) + offset, mask, y);
+  const __m512i u = _mm512_castps_si512(y);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + offset, mask, _mm512_cvtepi32_epi16(r));
+}
+
+// True zeros (stored + 1) of 16 columns as floats: two qzeros words, 8 nibbles each (one
+// word when only the low 8 columns are in the layer).
+QC_AVX512 inline __m512 zeros16(const int32_t* p, __mmask16 mask) {
+  const __m128i words = _mm_maskz_loadu_epi32((mask & 0xFF00) ? 3 : 1, p);
+  const __m512i lanes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(words, words));  // lane i: byte i / 2
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  const __m512i z = _mm512_and_si512(_mm512_srlv_epi32(lanes, shifts), _mm512_set1_epi32(0xF));
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(z, _mm512_set1_epi32(1)));
+}
+
+// One group of MR rows x V*16 columns (c.. ; mask[v] marks the columns inside the layer):
+// adds the group's contribution to acc. 3*MR*V int32 accumulators and 2V nibble vectors
+// must fit the 32 zmm registers with room to spare: (1, 4) for M = 1, (<= 4, 1)
+// otherwise. (4, 2) would need 24 accumulators, and GCC then spills them every iteration.
+template <int MR, int V>
+QC_AVX512 void group_tile(const GemmArgs& a, int64_t m0, int64_t c, int64_t g, const __mmask16* mask, float* acc) {
+  const int64_t N = a.N, kp0 = g * a.group_size / 8;
+  const int64_t kp1 = (g + 1) * a.group_size / 8 < a.K / 8 ? (g + 1) * a.group_size / 8 : a.K / 8;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512i s[3][MR][V];
+  QC_UNROLL
+  for (int d = 0; d < 3; ++d)
+    QC_UNROLL
+    for (int m = 0; m < MR; ++m)
+      QC_UNROLL
+      for (int v = 0; v < V; ++v) s[d][m][v] = _mm512_setzero_si512();
+
+  for (int64_t kp = kp0; kp < kp1; ++kp) {
+    const int32_t* wp = a.qweight + kp * N + c;
+    __m512i lo[V], hi[V];
+    QC_UNROLL
+    for (int v = 0; v < V; ++v) {
+      const __m512i w = _mm512_maskz_loadu_epi32(mask[v], wp + 16 * v);
+      lo[v] = _mm512_and_si512(w, low4);
+      hi[v] = _mm512_and_si512(_mm512_srli_epi32(w, 4), low4);
+    }
+    QC_UNROLL
+    for (int m = 0; m < MR; ++m) {
+      const int8_t* xp = a.xq + (m0 + m) * a.K * 3 + kp * 24;
+      QC_UNROLL
+      for (int d = 0; d < 3; ++d) {
+        int32_t even, odd;
+        std::memcpy(&even, xp + 8 * d, 4);
+        std::memcpy(&odd, xp + 8 * d + 4, 4);
+        const __m512i xe = _mm512_set1_epi32(even), xo = _mm512_set1_epi32(odd);
+        QC_UNROLL
+        for (int v = 0; v < V; ++v) {
+          s[d][m][v] = _mm512_dpbusd_epi32(s[d][m][v], lo[v], xe);
+          s[d][m][v] = _mm512_dpbusd_epi32(s[d][m][v], hi[v], xo);
+        }
+      }
+    }
+  }
+
+  QC_UNROLL
+  for (int v = 0; v < V; ++v) {
+    if (!mask[v]) continue;
+    const int64_t col = c + 16 * v;
+    const __m512 scale = load16(a.scales, a.dtype, g * N + col, mask[v]);
+    const __m512 zero = zeros16(a.qzeros + g * (N / 8) + col / 8, mask[v]);
+    QC_UNROLL
+    for (int m = 0; m < MR; ++m) {
+      const int64_t row = m0 + m;
+      // 65536 A + 256 B + C: each conversion is exact (|A|, |B|, |C| < 2^24).
+      __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[1][m][v]), _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(s[2][m][v]));
+      t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0][m][v]), _mm512_set1_ps(65536.0f), t);
+      t = _mm512_fnmadd_ps(zero, _mm512_set1_ps(a.xsum[row * a.G + g]), t);
+      float* ap = acc + row * N + col;
+      const __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(a.xscale[row * a.G + g]));
+      _mm512_mask_storeu_ps(ap, mask[v], _mm512_fmadd_ps(step, t, _mm512_maskz_loadu_ps(mask[v], ap)));
+    }
+  }
+}
+
+inline __mmask16 column_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
+}
+
+// All rows over 16 columns: blocks of 4 rows, then the remainder.
+QC_AVX512 void rows_over_columns(const GemmArgs& a, int64_t c, int64_t g, const __mmask16* mask, float* acc) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= a.M; m0 += 4) group_tile<4, 1>(a, m0, c, g, mask, acc);
+  switch (a.M - m0) {
+    case 3: group_tile<3, 1>(a, m0, c, g, mask, acc); break;
+    case 2: group_tile<2, 1>(a, m0, c, g, mask, acc); break;
+    case 1: group_tile<1, 1>(a, m0, c, g, mask, acc); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+QC_AVX512 void activation_digits_avx512(const float* x, int64_t K, int64_t group_size, int8_t* xq, float* xscale,
+                                        float* xsum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 big = _mm256_set1_ps(3.4028234663852886e38f);  // FLT_MAX
+  for (int64_t r0 = 0, g = 0; r0 < K; r0 += group_size, ++g) {
+    const int64_t r1 = r0 + group_size < K ? r0 + group_size : K;
+    __m256 mx = _mm256_setzero_ps();
+    __mmask8 finite = 0xFF;
+    for (int64_t r = r0; r < r1; r += 8) {
+      const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + r), abs_mask);
+      finite &= _mm256_cmp_ps_mask(v, big, _CMP_LE_OQ);  // false for inf and NaN
+      mx = _mm256_max_ps(mx, v);
+    }
+    int8_t* dst = xq + r0 * 3;  // 24 bytes per 8 rows
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mx);
+    float maxabs = 0.0f;
+    for (float l : lanes) maxabs = l > maxabs ? l : maxabs;
+    if (finite != 0xFF || maxabs == 0.0f) {  // all zero; or NaN/inf, which poisons the group's outputs
+      std::memset(dst, 0, size_t((r1 - r0) * 3));
+      xscale[g] = finite != 0xFF ? __builtin_nanf("") : 0.0f;
+      xsum[g] = 0.0f;
+      continue;
+    }
+    // q = round(x * kActMax / maxabs) in double: exact to well below half a step, so the
+    // only error is the rounding to the grid (cpu_kernels.h).
+    const __m512d inv = _mm512_set1_pd(double(kActMax) / double(maxabs));
+    xscale[g] = float(double(maxabs) / double(kActMax));
+    const __m256i qmax = _mm256_set1_epi32(kActMax), qmin = _mm256_set1_epi32(-kActMax);
+    __m512d qsum = _mm512_setzero_pd();
+    for (int64_t r = r0; r < r1; r += 8, dst += 24) {
+      const __m512d xd = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + r)), inv);
+      __m256i q = _mm512_cvt_roundpd_epi32(xd, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm256_min_epi32(_mm256_max_epi32(q, qmin), qmax);
+      qsum = _mm512_add_pd(qsum, _mm512_cvtepi32_pd(q));
+      const __m256i c = low_digit(q);
+      const __m256i q1 = _mm256_srai_epi32(_mm256_sub_epi32(q, c), 8);
+      const __m256i b = low_digit(q1);
+      const __m256i a = _mm256_srai_epi32(_mm256_sub_epi32(q1, b), 8);
+      store_digit8(dst, a);
+      store_digit8(dst + 8, b);
+      store_digit8(dst + 16, c);
+    }
+    xsum[g] = float(_mm512_reduce_add_pd(qsum));
+  }
+}
+
+QC_AVX512 void gemm_chunk_avx512(const GemmArgs& a, int64_t c0, int64_t c1, float* acc) {
+  // Groups outermost: the chunk's columns are swept once per group, 64 at a time, which
+  // reads the group's 16 (group_size / 8) qweight rows as sequential streams.
+  for (int64_t g = 0; g < a.G; ++g) {
+    for (int64_t c = c0; c < c1; c += 64) {
+      const __mmask16 mask[4] = {column_mask(c1 - c), column_mask(c1 - c - 16), column_mask(c1 - c - 32),
+                                 column_mask(c1 - c - 48)};
+      if (a.M == 1) {
+        group_tile<1, 4>(a, 0, c, g, mask, acc);
+      } else {  // the 4 KB of weights a tile reads per group stay in L1 across row blocks
+        for (int v = 0; v < 4 && mask[v]; ++v) rows_over_columns(a, c + 16 * v, g, mask + v, acc);
+      }
+    }
+  }
+  for (int64_t m = 0; m < a.M; ++m) {
+    for (int64_t c = c0; c < c1; c += 16) {
+      const __mmask16 mask = column_mask(c1 - c);
+      __m512 y = _mm512_maskz_loadu_ps(mask, acc + m * a.N + c);
+      if (a.bias) y = _mm512_add_ps(y, load16(a.bias, a.dtype, c, mask));
+      store16(a.out, a.dtype, m * a.N + c, y, mask);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace quant_cuda
+
+#else  // not x86: detected_isa() is never kIsaAvx512, these are never called.
+#include "cpu_kernels.h"
+namespace quant_cuda {
+namespace cpu {
+void activation_digits_avx512(const float*, int64_t, int64_t, int8_t*, float*, float*) {}
+void gemm_chunk_avx512(const GemmArgs&, int64_t, int64_t, float*) {}
+}  // namespace cpu
+}  // namespace quant_cuda
+#endif
