@@ -14,6 +14,9 @@ Which path runs (`backend()` says what was built; every fallback is logged once)
              contiguous runs after sorting, x that needs a gradient (the ops have no
              backward), or no compiled extension.
 
+`gemm_int8` is the same gateway for a weight-only int8 matrix with one scale per output
+row (the quantized lm_head, placement.Int8Linear): CPU kernel when `int8_kernel_runs(x)`.
+
 Tensor layout (the standard GPTQ one, K = in_features, N = out_features):
   qweight int32 [K*bits/32, N]   codes packed along K, least-significant bits first
   qzeros  int32 [G, N*bits/32]   v1 zeros (zero - 1) packed along N
@@ -194,6 +197,12 @@ if _ext is not None:
     def _dequantize_4bit_fake(qweight, qzeros, scales, group_size, dtype=None):
         return scales.new_empty((qweight.shape[0] * 8, qweight.shape[1]), dtype=dtype or scales.dtype)
 
+    @torch.library.register_fake("bluelm_quant::gemm_int8")
+    def _gemm_int8_fake(x, weight, scale, bias):
+        torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {tuple(x.shape)}")
+        torch._check(x.shape[1] == weight.shape[1], lambda: f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
 
 # --- load-time preparation ------------------------------------------------------------------
 
@@ -332,6 +341,45 @@ def gemm(x, qweight, qzeros, scales, g_idx, bits: int, bias=None, kernel=None) -
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+# --- int8 weights (the quantized lm_head) -------------------------------------------------------
+
+# From this many activation rows on, placement.Int8Linear dequantizes chunks of rows and calls
+# torch.matmul instead of the int8 kernel (placeholder until measured: tools/bench_kernels.py).
+CPU_INT8_DEQUANT_MIN_M = 64
+
+
+def int8_kernel_runs(x: torch.Tensor) -> bool:
+    """Whether `gemm_int8` has a kernel for activations x (else the caller's own matmul path)."""
+    return (
+        _ext is not None
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and x.numel() < CPU_INT8_DEQUANT_MIN_M * x.shape[-1]
+    )
+
+
+def gemm_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """y = x @ (scale[:, None] * weight).T (+ bias) on the CPU kernel, in x's dtype.
+
+    x [..., K] float32/bfloat16/float16 (float16 computed in float32); weight int8 [N, K]
+    (nn.Linear's layout); scale [N] and bias [N] any float dtype. Check `int8_kernel_runs(x)`
+    first: this raises QuantOpError where there is no kernel.
+    """
+    if not int8_kernel_runs(x):
+        why = _ext_error if _ext is None else f"{x.dtype} on {x.device}, {x.numel() // max(x.shape[-1], 1)} rows"
+        raise QuantOpError(f"gemm_int8: no int8 kernel for these activations ({why}); check ops.int8_kernel_runs(x)")
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise QuantOpError(f"gemm_int8: weight must be a 2-D int8 tensor [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    check_activation(x, weight, weight.shape[1])
+    dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+    _check_cpu_threads()
+    y = torch.ops.bluelm_quant.gemm_int8(
+        x.reshape(-1, weight.shape[1]).to(dtype), weight, scale.to(dtype), None if bias is None else bias.to(dtype)
+    )
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
 __all__ = [
     "QuantOpError",
     "backend",
@@ -339,7 +387,9 @@ __all__ = [
     "check_layer",
     "dequantize_reference",
     "gemm",
+    "gemm_int8",
     "gemm_reference",
+    "int8_kernel_runs",
     "pack_multiple",
     "prepare",
     "set_cpu_isa",

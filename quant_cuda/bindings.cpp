@@ -214,6 +214,47 @@ Tensor dequantize_4bit(const Tensor& qweight_in, const Tensor& qzeros_in, const 
   return out;
 }
 
+// y = x @ (scale[:, None] * weight).T (+ bias), weight int8 [N, K]: the quantized lm_head.
+Tensor gemm_int8(const Tensor& x_in, const Tensor& weight_in, const Tensor& scale_in,
+                 const std::optional<Tensor>& bias_in) {
+  const char* op = "bluelm_quant::gemm_int8";
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x_in.sizes(),
+              " (bluelm_quant.ops.gemm_int8 flattens [..., K])");
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.scalar_type() == at::kChar, op,
+              ": weight must be a 2-D int8 tensor [N, K], got ", weight_in.scalar_type(), " of shape ",
+              weight_in.sizes());
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0);
+  TORCH_CHECK(weight_in.size(1) == K, op, ": x has K=", K, " (shape ", x_in.sizes(), ") but weight ",
+              weight_in.sizes(), " holds K=", weight_in.size(1), " input features");
+  TORCH_CHECK(K >= 1 && K <= kInt8MaxK, op, ": K=", K, " must lie in [1, ", kInt8MaxK, "] for the int8 kernel");
+  const at::Device dev = x_in.device();
+  TORCH_CHECK(dev.is_cpu() && weight_in.device() == dev && scale_in.device() == dev, op,
+              ": the int8 kernel runs on the CPU; got x on ", dev, ", weight on ", weight_in.device(), ", scale on ",
+              scale_in.device());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x_in.scalar_type());
+  TORCH_CHECK(scale_in.dim() == 1 && scale_in.size(0) == N && scale_in.scalar_type() == x_in.scalar_type(), op,
+              ": scale must be ", x_in.scalar_type(), " [N] = [", N, "], got ", scale_in.scalar_type(), " of shape ",
+              scale_in.sizes());
+  if (bias_in) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N && bias_in->scalar_type() == x_in.scalar_type() &&
+                    bias_in->device() == dev,
+                op, ": bias must be ", x_in.scalar_type(), " [N] = [", N, "] on ", dev, ", got ",
+                bias_in->scalar_type(), " of shape ", bias_in->sizes(), " on ", bias_in->device());
+  }
+  Tensor out = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return out;
+  const Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  const Tensor bias = bias_in ? bias_in->contiguous() : Tensor();
+  use_torch_threads();
+  const int status = gemm_int8_cpu(x.data_ptr(), weight.data_ptr<int8_t>(), scale.data_ptr(),
+                                   bias.defined() ? bias.data_ptr() : nullptr, out.data_ptr(), M, K, N,
+                                   kernel_dtype(x.scalar_type()));
+  if (status != kOk)
+    fail_status(op, status, dev, c10::str("x ", x.scalar_type(), x.sizes(), ", weight ", weight.sizes()));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bluelm_quant, m) {
@@ -224,11 +265,14 @@ TORCH_LIBRARY(bluelm_quant, m) {
   // W^T [K, N] (rows in qweight's order) in dtype (default: scales' dtype).
   m.def("dequantize_4bit(Tensor qweight, Tensor qzeros, Tensor scales, int group_size, ScalarType? dtype=None) "
         "-> Tensor");
+  // y[M, N] = x[M, K] @ (scale[:, None] * weight).T (+ bias); weight int8 [N, K], scale [N]. CPU only.
+  m.def("gemm_int8(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bluelm_quant, CPU, m) {
   m.impl("gemm_4bit", &gemm_4bit);
   m.impl("dequantize_4bit", &dequantize_4bit);
+  m.impl("gemm_int8", &gemm_int8);
 }
 
 #ifdef QUANT_CUDA_WITH_CUDA

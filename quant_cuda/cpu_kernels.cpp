@@ -14,7 +14,7 @@
 // so results are bitwise identical run to run and for any thread count.
 //
 // Scratch (activations in kernel form, acc) lives in buffers of the calling thread that
-// grow and are reused: no allocation per call once a shape has been seen.
+// grow and are reused (thread_scratch): no allocation per call once a shape has been seen.
 #include <algorithm>
 #include <atomic>
 #include <vector>
@@ -50,21 +50,6 @@ int64_t chunk_width(int64_t N) {
   return std::min<int64_t>(512, std::max<int64_t>(64, w));
 }
 
-struct Scratch {
-  std::vector<float> x, acc, xscale, xsum;
-  std::vector<int8_t> xq;
-};
-
-Scratch& scratch() {
-  thread_local Scratch s;
-  return s;
-}
-
-template <class T>
-T* sized(std::vector<T>& v, int64_t n) {
-  if (int64_t(v.size()) < n) v.resize(size_t(n));
-  return v.data();
-}
 
 // out[:, c0:c1] = acc (+ bias), converted to the output dtype.
 void store_columns(const GemmArgs& a, const float* acc, int64_t c0, int64_t c1) {
@@ -165,11 +150,19 @@ void gemm_chunk_task(void* ctx, int64_t task) {
   store_columns(a, t.acc, c0, c1);
 }
 
-int layer_threads(int64_t K, int64_t N) { return K * N / 2 < kParallelMinBytes ? 1 : threads(); }
-
 }  // namespace
 
 void set_cpu_threads(int n) { g_threads.store(n, std::memory_order_relaxed); }
+
+int kernel_threads(int64_t weight_bytes) { return weight_bytes < kParallelMinBytes ? 1 : threads(); }
+
+void* thread_scratch(int slot, int64_t bytes) {
+  thread_local std::vector<char> buffers[kScratchSlots];
+  std::vector<char>& b = buffers[slot];
+  if (int64_t(b.size()) < bytes + 64) b.resize(size_t(bytes + 64));
+  const uintptr_t p = reinterpret_cast<uintptr_t>(b.data());
+  return reinterpret_cast<void*>((p + 63) & ~uintptr_t(63));
+}
 
 }  // namespace cpu
 
@@ -182,23 +175,22 @@ int gemm_4bit_cpu(const void* x, const int32_t* qweight, const int32_t* qzeros,
   if (M < 1 || !shape_ok(K, N, group_size)) return kBadShape;
   const int64_t G = (K + group_size - 1) / group_size;
   const Isa isa = active_isa();
-  const int nt = layer_threads(K, N);
-  Scratch& s = scratch();
+  const int nt = kernel_threads(K * N / 2);
 
-  Prologue p{x, perm, M, K, G, group_size, dtype, isa, nullptr, nullptr, nullptr, sized(s.xsum, M * G)};
+  Prologue p{x, perm, M, K, G, group_size, dtype, isa, nullptr, nullptr, nullptr, scratch<float>(kSlotXsum, M * G)};
   if (isa == kIsaAvx512) {
-    p.xq = sized(s.xq, M * K * 3);
-    p.xscale = sized(s.xscale, M * G);
-    if (perm || dtype != kFloat32) p.xf = sized(s.x, M * K);
+    p.xq = scratch<int8_t>(kSlotXq, M * K * 3);
+    p.xscale = scratch<float>(kSlotXscale, M * G);
+    if (perm || dtype != kFloat32) p.xf = scratch<float>(kSlotX, M * K);
   } else {
-    p.xf = sized(s.x, M * K);
+    p.xf = scratch<float>(kSlotX, M * K);
   }
   parallel_tasks((M + kPrologueRows - 1) / kPrologueRows, nt, prologue_task, &p);
   const GemmArgs a{isa == kIsaAvx512 ? nullptr : p.xf, p.xq, p.xscale, p.xsum, qweight, qzeros, scales, bias, out,
                    M, K, N, G, group_size, dtype};
 
   const int64_t width = chunk_width(N);
-  Chunks c{&a, sized(s.acc, M * N), width, isa};
+  Chunks c{&a, scratch<float>(kSlotAcc, M * N), width, isa};
   parallel_tasks((N + width - 1) / width, nt, gemm_chunk_task, &c);
   return kOk;
 }
@@ -230,7 +222,7 @@ int dequantize_4bit_cpu(const int32_t* qweight, const int32_t* qzeros, const voi
   // Each task writes whole contiguous output rows; ~64 tasks balance over threads.
   const int64_t packed_rows = K / 8, per_task = std::max<int64_t>(1, packed_rows / 64);
   Dequant d{qweight, qzeros, scales, out, K, N, group_size, per_task, dtype, active_isa()};
-  parallel_tasks((packed_rows + per_task - 1) / per_task, layer_threads(K, N), dequant_task, &d);
+  parallel_tasks((packed_rows + per_task - 1) / per_task, kernel_threads(K * N / 2), dequant_task, &d);
   return kOk;
 }
 

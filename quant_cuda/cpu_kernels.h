@@ -64,6 +64,44 @@ void activation_digits_avx512(const float* x, int64_t K, int64_t group_size, int
 // columns) is used as scratch; writes out[:, c0:c1] with bias, in the output dtype.
 void gemm_chunk_avx512(const GemmArgs& a, int64_t c0, int64_t c1, float* acc);
 
+// ---- int8 GEMM (kernels.h gemm_int8_cpu) ---------------------------------------------
+// The AVX-512 body puts each activation row on the same 24-bit grid as above (one step
+// for the whole row) and stores its digits as three planes in natural order, since here
+// a zmm of weights holds 64 consecutive k of one output row (vpdpbusd with the weights
+// as the unsigned operand: w + 128, corrected by the -128 * digit sums the accumulators
+// start from).
+struct Int8Args {
+  const float* x;        // AVX2/scalar: [M, K] fp32 activations
+  const int8_t* xq;      // AVX-512: [M, 3, Kp] digit planes a, b, c (Kp = K rounded up to 64; zero padded)
+  const int32_t* xinit;  // AVX-512: [M, 3, 16] -128 * the lane sums of each plane
+  const float* xscale;   // AVX-512: [M] grid step of each row
+  const int8_t* weight;  // [N, K]
+  const void* scale;     // [N], dtype
+  const void* bias;      // [N] or nullptr
+  void* out;             // [M, N], dtype
+  int64_t M, K, Kp, N;
+  int dtype;
+};
+// x [K8] fp32 (K8 = K rounded up to 8, zero padded) -> planes [3, Kp], init [3, 16], xscale.
+void int8_activation_avx512(const float* x, int64_t K8, int64_t Kp, int8_t* planes, int32_t* init, float* xscale);
+// out[:, n0:n1] for all M rows.
+void gemm_int8_rows_avx512(const Int8Args& a, int64_t n0, int64_t n1);
+void gemm_int8_rows_avx2(const Int8Args& a, int64_t n0, int64_t n1);
+void gemm_int8_rows_scalar(const Int8Args& a, int64_t n0, int64_t n1);
+
+// ---- shared by the entry points ----------------------------------------------------------
+// A per-thread buffer of at least `bytes` (64-byte aligned) that lives until the thread
+// ends and is reused by the next call with the same slot: no allocation per call.
+enum ScratchSlot : int { kSlotX = 0, kSlotAcc, kSlotXscale, kSlotXsum, kSlotXq, kSlotXinit, kScratchSlots };
+void* thread_scratch(int slot, int64_t bytes);
+template <class T>
+T* scratch(int slot, int64_t n) {
+  return static_cast<T*>(thread_scratch(slot, n * int64_t(sizeof(T))));
+}
+// Threads for a layer whose weights take `weight_bytes`: 1 below the size where handing
+// out work costs more than it saves, else set_cpu_threads' value.
+int kernel_threads(int64_t weight_bytes);
+
 // Which body runs. Ordered: a CPU that runs one runs all below it.
 enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 Isa detected_isa();  // the best this CPU (and OS) supports

@@ -21,45 +21,18 @@
 //   acc += scale * xscale * ((65536 A + 256 B + C) - zero * sum(q)),
 // A, B, C the group's dot products with digits a, b, c.
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-
-#include <cstdint>
 #include <cstring>
 
-#include "cpu_kernels.h"
-#include "kernels.h"
-
-#define QC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
-// GCC 12's own avx512fintrin.h trips this warning: its intrinsics pass the deliberately
-// uninitialised _mm512_undefined_*() as the unused merge operand.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
-// The register tiles below are small arrays of vectors indexed by loop counters. Unless
-// every such loop is unrolled, GCC keeps the arrays in memory and stores all
-// accumulators to the stack on every iteration (seen in the disassembly).
-#if defined(__clang__)
-#define QC_UNROLL _Pragma("unroll")
-#elif defined(__GNUC__)
-#define QC_UNROLL _Pragma("GCC unroll 16")
-#else
-#define QC_UNROLL
-#endif
+#include "cpu_avx512.h"
 
 namespace quant_cuda {
 namespace cpu {
 
+using namespace avx512;
+
 namespace {
 
 // ---- activations --------------------------------------------------------------------
-
-// Low byte of each lane as a signed digit in [-128, 127]: q - 256 * round(q / 256).
-QC_AVX512 inline __m256i low_digit(__m256i q) {
-  const __m256i c128 = _mm256_set1_epi32(128);
-  return _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(q, c128), _mm256_set1_epi32(255)), c128);
-}
 
 // The 8 lanes as bytes in the order 0,2,4,6,1,3,5,7 (even rows meet low nibbles).
 QC_AVX512 inline void store_digit8(int8_t* dst, __m256i d) {
@@ -68,23 +41,6 @@ QC_AVX512 inline void store_digit8(int8_t* dst, __m256i d) {
 }
 
 // ---- weights --------------------------------------------------------------------------
-
-QC_AVX512 inline __m512 load16(const void* p, int dtype, int64_t offset, __mmask16 mask) {
-  if (dtype == kFloat32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + offset);
-  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + offset);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// bf16 rounding as float_to_bf16 (cpu_kernels.h): nearest even, NaN stays a quiet NaN.
-QC_AVX512 inline void store16(void* p, int dtype, int64_t offset, __m512 y, __mmask16 mask) {
-  if (dtype == kFloat32) return _mm512_mask_storeu_ps(static_cast<float*>(p) + offset, mask, y);
-  const __m512i u = _mm512_castps_si512(y);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + offset, mask, _mm512_cvtepi32_epi16(r));
-}
 
 // True zeros (stored + 1) of 16 columns as floats: two qzeros words, 8 nibbles each (one
 // word when only the low 8 columns are in the layer).
@@ -133,8 +89,8 @@ QC_AVX512 void group_tile(const GemmArgs& a, int64_t m0, int64_t c, int64_t g, c
         const __m512i xe = _mm512_set1_epi32(even), xo = _mm512_set1_epi32(odd);
         QC_UNROLL
         for (int v = 0; v < V; ++v) {
-          s[d][m][v] = _mm512_dpbusd_epi32(s[d][m][v], lo[v], xe);
-          s[d][m][v] = _mm512_dpbusd_epi32(s[d][m][v], hi[v], xo);
+          dpbusd(s[d][m][v], lo[v], xe);
+          dpbusd(s[d][m][v], hi[v], xo);
         }
       }
     }
@@ -160,9 +116,6 @@ QC_AVX512 void group_tile(const GemmArgs& a, int64_t m0, int64_t c, int64_t g, c
   }
 }
 
-inline __mmask16 column_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
-}
 
 // All rows over 16 columns: blocks of 4 rows, then the remainder.
 QC_AVX512 void rows_over_columns(const GemmArgs& a, int64_t c, int64_t g, const __mmask16* mask, float* acc) {
@@ -180,43 +133,24 @@ QC_AVX512 void rows_over_columns(const GemmArgs& a, int64_t c, int64_t g, const 
 
 QC_AVX512 void activation_digits_avx512(const float* x, int64_t K, int64_t group_size, int8_t* xq, float* xscale,
                                         float* xsum) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256 big = _mm256_set1_ps(3.4028234663852886e38f);  // FLT_MAX
   for (int64_t r0 = 0, g = 0; r0 < K; r0 += group_size, ++g) {
     const int64_t r1 = r0 + group_size < K ? r0 + group_size : K;
-    __m256 mx = _mm256_setzero_ps();
-    __mmask8 finite = 0xFF;
-    for (int64_t r = r0; r < r1; r += 8) {
-      const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + r), abs_mask);
-      finite &= _mm256_cmp_ps_mask(v, big, _CMP_LE_OQ);  // false for inf and NaN
-      mx = _mm256_max_ps(mx, v);
-    }
+    const float maxabs = max_abs(x + r0, r1 - r0);
     int8_t* dst = xq + r0 * 3;  // 24 bytes per 8 rows
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, mx);
-    float maxabs = 0.0f;
-    for (float l : lanes) maxabs = l > maxabs ? l : maxabs;
-    if (finite != 0xFF || maxabs == 0.0f) {  // all zero; or NaN/inf, which poisons the group's outputs
+    if (!(maxabs > 0.0f)) {  // all zero; or NaN/inf, which poisons the group's outputs
       std::memset(dst, 0, size_t((r1 - r0) * 3));
-      xscale[g] = finite != 0xFF ? __builtin_nanf("") : 0.0f;
+      xscale[g] = maxabs == 0.0f ? 0.0f : maxabs;
       xsum[g] = 0.0f;
       continue;
     }
-    // q = round(x * kActMax / maxabs) in double: exact to well below half a step, so the
-    // only error is the rounding to the grid (cpu_kernels.h).
     const __m512d inv = _mm512_set1_pd(double(kActMax) / double(maxabs));
     xscale[g] = float(double(maxabs) / double(kActMax));
-    const __m256i qmax = _mm256_set1_epi32(kActMax), qmin = _mm256_set1_epi32(-kActMax);
     __m512d qsum = _mm512_setzero_pd();
     for (int64_t r = r0; r < r1; r += 8, dst += 24) {
-      const __m512d xd = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + r)), inv);
-      __m256i q = _mm512_cvt_roundpd_epi32(xd, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      q = _mm256_min_epi32(_mm256_max_epi32(q, qmin), qmax);
+      const __m256i q = grid8(x + r, inv);
       qsum = _mm512_add_pd(qsum, _mm512_cvtepi32_pd(q));
-      const __m256i c = low_digit(q);
-      const __m256i q1 = _mm256_srai_epi32(_mm256_sub_epi32(q, c), 8);
-      const __m256i b = low_digit(q1);
-      const __m256i a = _mm256_srai_epi32(_mm256_sub_epi32(q1, b), 8);
+      __m256i a, b, c;
+      digits(q, a, b, c);
       store_digit8(dst, a);
       store_digit8(dst + 8, b);
       store_digit8(dst + 16, c);
@@ -230,8 +164,8 @@ QC_AVX512 void gemm_chunk_avx512(const GemmArgs& a, int64_t c0, int64_t c1, floa
   // reads the group's 16 (group_size / 8) qweight rows as sequential streams.
   for (int64_t g = 0; g < a.G; ++g) {
     for (int64_t c = c0; c < c1; c += 64) {
-      const __mmask16 mask[4] = {column_mask(c1 - c), column_mask(c1 - c - 16), column_mask(c1 - c - 32),
-                                 column_mask(c1 - c - 48)};
+      const __mmask16 mask[4] = {lane_mask(c1 - c), lane_mask(c1 - c - 16), lane_mask(c1 - c - 32),
+                                 lane_mask(c1 - c - 48)};
       if (a.M == 1) {
         group_tile<1, 4>(a, 0, c, g, mask, acc);
       } else {  // the 4 KB of weights a tile reads per group stay in L1 across row blocks
@@ -241,7 +175,7 @@ QC_AVX512 void gemm_chunk_avx512(const GemmArgs& a, int64_t c0, int64_t c1, floa
   }
   for (int64_t m = 0; m < a.M; ++m) {
     for (int64_t c = c0; c < c1; c += 16) {
-      const __mmask16 mask = column_mask(c1 - c);
+      const __mmask16 mask = lane_mask(c1 - c);
       __m512 y = _mm512_maskz_loadu_ps(mask, acc + m * a.N + c);
       if (a.bias) y = _mm512_add_ps(y, load16(a.bias, a.dtype, c, mask));
       store16(a.out, a.dtype, m * a.N + c, y, mask);

@@ -457,6 +457,109 @@ def test_empty_batch():
     assert OPS.gemm_4bit(torch.empty(0, 256), qw, qz, s, None, gs, None).shape == (0, 24)
 
 
+# --- int8 GEMM (the quantized lm_head) --------------------------------------------------------------
+# Tolerance: the fp32 bodies sum K products x*w in fp32, off by at most (K + 8) * 2^-24 *
+# (|x| @ |w|); the AVX-512 body sums exactly in integers after moving each x by at most
+# 1.004 * 2^-24 * max|x| of its row (the 24-bit grid, quant_cuda/cpu_kernels.h), plus a
+# few fp32 roundings inside the first term. Then the scale, and the output dtype's rounding.
+
+
+def int8_layer(n, k, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(n, generator=gen) * 0.01 + 0.001).to(dtype)
+    return weight, scale
+
+
+def assert_int8_matches_oracle(y, x, weight, scale, bias=None):
+    x64, w64, s64 = x.double(), weight.double(), scale.double()
+    ref = (x64 @ w64.T) * s64 + (0.0 if bias is None else bias.double())
+    mag = (x64.abs() @ w64.abs().T) * s64
+    grid = 1.004 * 2.0**-24 * x64.abs().amax(dim=1, keepdim=True) * (w64.abs().sum(dim=1) * s64)
+    k = weight.shape[1]
+    tol = (k + 8) * 2.0**-24 * mag + grid + OUT_EPS[y.dtype] * ref.abs() + 1e-30
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    worst = ((y.double() - ref).abs() / tol).max().item()
+    assert worst <= 1.0, f"max error is {worst:.2f}x the tolerance (shape {tuple(y.shape)})"
+
+
+# K: multiples of 64, a tail of 1 and 63 past them, not a multiple of 8; N: 16-row blocks
+# and partial ones.
+INT8_SHAPES = [(1, 576, 1000), (3, 64, 17), (2, 100, 33), (7, 577, 50), (4, 8, 16), (1, 1, 5), (16, 191, 40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", INT8_SHAPES)
+def test_gemm_int8_matches_oracle(m, k, n, dtype, cpu_isa):
+    weight, scale = int8_layer(n, k, dtype, seed=k + n)
+    x = activations(m, k, dtype, seed=m)
+    bias = (torch.randn(n) * 0.1).to(dtype) if m % 2 else None
+    assert_int8_matches_oracle(OPS.gemm_int8(x, weight, scale, bias), x, weight, scale, bias)
+
+
+def test_gemm_int8_smollm2_head_shape(cpu_isa):
+    weight, scale = int8_layer(49152, 576, seed=5)
+    x = activations(2, 576, torch.float32) * 4
+    x[:, 7] = 300.0  # an outlier channel, as after a final RMSNorm
+    assert_int8_matches_oracle(OPS.gemm_int8(x, weight, scale, None), x, weight, scale)
+
+
+def test_gemm_int8_non_finite_rows(cpu_isa):
+    weight, scale = int8_layer(40, 64)
+    x = activations(3, 64, torch.float32)
+    x[1, 3] = float("inf")
+    y = OPS.gemm_int8(x, weight, scale, None)
+    assert not torch.isfinite(y[1]).any()
+    assert_int8_matches_oracle(y[[0, 2]], x[[0, 2]], weight, scale)
+
+
+def test_gemm_int8_deterministic_across_threads():
+    weight, scale = int8_layer(4099, 576, seed=3)
+    x = activations(3, 576, torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = OPS.gemm_int8(x, weight, scale, None)
+        torch.set_num_threads(2)
+        y2 = OPS.gemm_int8(x, weight, scale, None)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)
+
+
+def test_gemm_int8_gateway():
+    weight, scale = int8_layer(24, 64, torch.float16)
+    x = activations(6, 64, torch.float16).reshape(2, 3, 64)
+    assert ops.int8_kernel_runs(x)
+    y = ops.gemm_int8(x, weight, scale)
+    assert y.shape == (2, 3, 24) and y.dtype == torch.float16
+    assert_int8_matches_oracle(y.reshape(6, 24), x.reshape(6, 64), weight, scale)
+    big = torch.zeros(ops.CPU_INT8_DEQUANT_MIN_M, 64)
+    assert not ops.int8_kernel_runs(big) and not ops.int8_kernel_runs(x.double())
+    with pytest.raises(ops.QuantOpError, match="no int8 kernel"):
+        ops.gemm_int8(big, weight, scale)
+    with pytest.raises(ops.QuantOpError, match="weight must be a 2-D int8"):
+        ops.gemm_int8(x, weight.float(), scale)
+
+
+def test_gemm_int8_errors_name_the_problem():
+    weight, scale = int8_layer(24, 64)
+    x = activations(2, 64, torch.float32)
+    cases = [
+        (lambda: OPS.gemm_int8(x.double(), weight, scale, None), "float32 or bfloat16"),
+        (lambda: OPS.gemm_int8(x[:, :60], weight, scale, None), "K=60"),
+        (lambda: OPS.gemm_int8(x, weight.short(), scale, None), "weight must be a 2-D int8"),
+        (lambda: OPS.gemm_int8(x, weight, scale[:5], None), "scale must be Float [N] = [24]"),
+        (lambda: OPS.gemm_int8(x, weight, scale.to(torch.bfloat16), None), "scale must be Float"),
+        (lambda: OPS.gemm_int8(x, weight, scale, torch.zeros(3)), "bias must be Float [N] = [24]"),
+        (lambda: OPS.gemm_int8(x[0], weight, scale, None), "x must be 2-D"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert message in str(info.value), f"expected {message!r} in: {info.value}"
+
+
 # --- torch.compile / fake tensors -------------------------------------------------------------------
 
 
@@ -467,6 +570,8 @@ def test_opcheck():
     bias = torch.randn(24)
     torch.library.opcheck(OPS.gemm_4bit.default, (x, kernel[ops.QWEIGHT_KEY], qz, s, kernel[ops.PERM_KEY], gs, bias))
     torch.library.opcheck(OPS.dequantize_4bit.default, (qw, qz, s, gs, torch.bfloat16))
+    weight, scale = int8_layer(40, 100)
+    torch.library.opcheck(OPS.gemm_int8.default, (activations(3, 100, torch.float32), weight, scale, bias[:1].expand(40).clone()))
 
 
 def test_compiles_without_graph_breaks():
