@@ -149,17 +149,18 @@ def backend() -> str:
     return f"cpu-kernel ({_ext.get_cpu_isa()}; no CUDA kernels in this build)"
 
 
-CPU_ISAS = ("avx512", "avx2", "scalar")  # best first
+# Best first. amx: AVX-512 at M = 1, AMX tiles from 2 rows on (Intel Sapphire Rapids+).
+CPU_ISAS = ("amx", "avx512", "avx2", "scalar")
 CPU_ISA_ENV = "BLUELM_QUANT_CPU_ISA"
 
 
 def cpu_isa() -> str | None:
-    """The CPU kernel body in use ('avx512', 'avx2' or 'scalar'); None without the extension."""
+    """The CPU kernel body in use ('amx', 'avx512', 'avx2' or 'scalar'); None without the extension."""
     return _ext.get_cpu_isa() if _ext is not None else None
 
 
 def set_cpu_isa(name: str) -> str:
-    """Run the CPU kernels on body `name` ('avx512', 'avx2', 'scalar' or 'best'); returns the one in use.
+    """Run the CPU kernels on body `name` ('amx', 'avx512', 'avx2', 'scalar' or 'best'); returns the one in use.
 
     For tests and speed comparisons. A body this CPU cannot run is replaced by the best one
     it can (with a warning), so a forced body never executes an unsupported instruction.
@@ -178,11 +179,18 @@ def set_cpu_isa(name: str) -> str:
     return got
 
 
-if _ext is not None and os.environ.get(CPU_ISA_ENV):
+def _isa_from_environment() -> None:
+    """Apply BLUELM_QUANT_CPU_ISA (run once at import)."""
+    value = os.environ.get(CPU_ISA_ENV, "")
+    if _ext is None or not value.strip():
+        return
     try:
-        set_cpu_isa(os.environ[CPU_ISA_ENV].strip().lower())
+        set_cpu_isa(value.strip().lower())
     except QuantOpError as e:  # a typo must not stop the package from importing: say so, keep the best body
-        log.warning("bluelm_quant.ops: %s=%r ignored: %s", CPU_ISA_ENV, os.environ[CPU_ISA_ENV], e)
+        log.warning("bluelm_quant.ops: %s=%r ignored: %s", CPU_ISA_ENV, value, e)
+
+
+_isa_from_environment()
 
 
 if _ext is not None:

@@ -295,16 +295,17 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   quant_cuda::cpu::Isa isa;
   if (!name || !quant_cuda::cpu::parse_isa(name, &isa)) {
     PyErr_Clear();
-    PyErr_Format(PyExc_ValueError, "unknown CPU kernel path %R: use 'avx512', 'avx2', 'scalar' or 'best'", arg);
+    PyErr_Format(PyExc_ValueError, "unknown CPU kernel path %R: use 'amx', 'avx512', 'avx2', 'scalar' or 'best'",
+                 arg);
     return nullptr;
   }
   return PyUnicode_FromString(quant_cuda::cpu::isa_name(quant_cuda::cpu::select_isa(isa)));
 }
 
 PyMethodDef kMethods[] = {
-    {"get_cpu_isa", py_get_cpu_isa, METH_NOARGS, "get_cpu_isa() -> the CPU body in use: 'avx512', 'avx2' or 'scalar'"},
+    {"get_cpu_isa", py_get_cpu_isa, METH_NOARGS, "get_cpu_isa() -> the CPU body in use: 'amx', 'avx512', 'avx2' or 'scalar'"},
     {"set_cpu_isa", py_set_cpu_isa, METH_O,
-     "set_cpu_isa(name) -> the body now in use: the best one not above `name` ('avx512', 'avx2', 'scalar'; "
+     "set_cpu_isa(name) -> the body now in use: the best one not above `name` ('amx', 'avx512', 'avx2', 'scalar'; "
      "'best') that this CPU runs"},
     {nullptr, nullptr, 0, nullptr},
 };

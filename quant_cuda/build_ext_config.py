@@ -25,6 +25,7 @@ CPU_SOURCES = (
     "cpu_isa.cpp",
     "cpu_threads.cpp",
     "cpu_kernels.cpp",
+    "cpu_kernels_amx.cpp",
     "cpu_kernels_avx512.cpp",
     "cpu_kernels_avx2.cpp",
     "cpu_kernels_scalar.cpp",

@@ -44,45 +44,44 @@ QC_AVX512 inline void dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
 
 // ---- the activation grid (cpu_kernels.h) ----------------------------------------------
 
-// max |x| over x[0, n) (n a multiple of 8); NaN when any element is NaN or infinite.
+inline __mmask16 lane_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
+}
+
+// max |x| over x[0, n); NaN when any element is NaN or infinite.
 QC_AVX512 inline float max_abs(const float* x, int64_t n) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256 big = _mm256_set1_ps(3.4028234663852886e38f);  // FLT_MAX
-  __m256 mx = _mm256_setzero_ps();
-  __mmask8 finite = 0xFF;
-  for (int64_t r = 0; r < n; r += 8) {
-    const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + r), abs_mask);
-    finite &= _mm256_cmp_ps_mask(v, big, _CMP_LE_OQ);  // false for inf and NaN
-    mx = _mm256_max_ps(mx, v);
+  const __m512 big = _mm512_set1_ps(3.4028234663852886e38f);  // FLT_MAX
+  __m512 mx = _mm512_setzero_ps();
+  __mmask16 finite = 0xFFFF;
+  for (int64_t r = 0; r < n; r += 16) {
+    const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(lane_mask(n - r), x + r));
+    finite &= _mm512_cmp_ps_mask(v, big, _CMP_LE_OQ);  // false for inf and NaN
+    mx = _mm512_max_ps(mx, v);
   }
-  if (finite != 0xFF) return __builtin_nanf("");
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, mx);
-  float m = 0.0f;
-  for (float l : lanes) m = l > m ? l : m;
-  return m;
+  return finite == 0xFFFF ? _mm512_reduce_max_ps(mx) : __builtin_nanf("");
 }
 
-// q = round(x * kActMax / maxabs) for 8 elements, in double: exact to well below half a
-// step, so the only error is the rounding to the grid. inv = kActMax / maxabs.
-QC_AVX512 inline __m256i grid8(const float* x, __m512d inv) {
-  const __m512d xd = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x)), inv);
-  const __m256i q = _mm512_cvt_roundpd_epi32(xd, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm256_min_epi32(_mm256_max_epi32(q, _mm256_set1_epi32(-kActMax)), _mm256_set1_epi32(kActMax));
+// q = round(x * inv) for 16 elements (mask: those to load; the rest are 0), in double:
+// exact to far below half a step, so the only error is the rounding to the grid.
+// inv = kActMax / max|x|.
+QC_AVX512 inline __m512i grid16(const float* x, __mmask16 mask, __m512d inv) {
+  const __m512 v = _mm512_maskz_loadu_ps(mask, x);
+  const __m256 lo = _mm512_castps512_ps256(v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m256i qlo = _mm512_cvt_roundpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(lo), inv), kNearest);
+  const __m256i qhi = _mm512_cvt_roundpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(hi), inv), kNearest);
+  const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(qlo), qhi, 1);
+  return _mm512_min_epi32(_mm512_max_epi32(q, _mm512_set1_epi32(-kActMax)), _mm512_set1_epi32(kActMax));
 }
 
-// Low byte of each lane as a signed digit in [-128, 127]: q - 256 * round(q / 256).
-QC_AVX512 inline __m256i low_digit(__m256i q) {
-  const __m256i c128 = _mm256_set1_epi32(128);
-  return _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(q, c128), _mm256_set1_epi32(255)), c128);
-}
-
-// q = 65536 a + 256 b + c, digits in [-128, 127] (|q| <= kActMax).
-QC_AVX512 inline void digits(__m256i q, __m256i& a, __m256i& b, __m256i& c) {
-  c = low_digit(q);
-  const __m256i q1 = _mm256_srai_epi32(_mm256_sub_epi32(q, c), 8);
-  b = low_digit(q1);
-  a = _mm256_srai_epi32(_mm256_sub_epi32(q1, b), 8);
+// q = 65536 a + 256 b + c with balanced digits in [-128, 127] (|q| <= kActMax): c is q's
+// low byte read as signed, and so on up.
+QC_AVX512 inline void digits16(__m512i q, __m512i& a, __m512i& b, __m512i& c) {
+  c = _mm512_srai_epi32(_mm512_slli_epi32(q, 24), 24);
+  const __m512i q1 = _mm512_srai_epi32(_mm512_sub_epi32(q, c), 8);
+  b = _mm512_srai_epi32(_mm512_slli_epi32(q1, 24), 24);
+  a = _mm512_srai_epi32(_mm512_sub_epi32(q1, b), 8);
 }
 
 // ---- loads and stores in the kernels' dtypes --------------------------------------------
@@ -104,9 +103,16 @@ QC_AVX512 inline void store16(void* p, int dtype, int64_t offset, __m512 y, __mm
   _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + offset, mask, _mm512_cvtepi32_epi16(r));
 }
 
-inline __mmask16 lane_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
+// True zeros (stored + 1) of 16 columns as floats: two qzeros words, 8 nibbles each (one
+// word when only the low 8 columns are in the layer).
+QC_AVX512 inline __m512 zeros16(const int32_t* p, __mmask16 mask) {
+  const __m128i words = _mm_maskz_loadu_epi32((mask & 0xFF00) ? 3 : 1, p);
+  const __m512i lanes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(words, words));  // lane i: byte i / 2
+  const __m512i shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  const __m512i z = _mm512_and_si512(_mm512_srlv_epi32(lanes, shifts), _mm512_set1_epi32(0xF));
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(z, _mm512_set1_epi32(1)));
 }
+
 
 }  // namespace avx512
 }  // namespace cpu

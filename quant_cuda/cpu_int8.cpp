@@ -18,7 +18,7 @@ namespace {
 // 256 rows: 147 KB of weights per task for SmolLM2's 576-wide head (192 tasks), 1 MB for
 // a 4096-wide one; enough tasks to balance, few enough to keep the hand-out cheap.
 constexpr int64_t kRowsPerTask = 256;
-constexpr int64_t kPrologueRows = 16;
+constexpr int64_t kPrologueRows = 4;
 
 struct Prologue {
   const void* x;
@@ -56,11 +56,9 @@ struct Rows {
 void rows_task(void* ctx, int64_t task) {
   const Rows& r = *static_cast<const Rows*>(ctx);
   const int64_t n0 = task * kRowsPerTask, n1 = std::min(r.a->N, n0 + kRowsPerTask);
-  switch (r.isa) {
-    case kIsaAvx512: return gemm_int8_rows_avx512(*r.a, n0, n1);
-    case kIsaAvx2: return gemm_int8_rows_avx2(*r.a, n0, n1);
-    default: return gemm_int8_rows_scalar(*r.a, n0, n1);
-  }
+  if (r.isa >= kIsaAvx512) return gemm_int8_rows_avx512(*r.a, n0, n1);  // (AMX: not used for the head yet)
+  if (r.isa == kIsaAvx2) return gemm_int8_rows_avx2(*r.a, n0, n1);
+  gemm_int8_rows_scalar(*r.a, n0, n1);
 }
 
 }  // namespace
@@ -73,7 +71,7 @@ int gemm_int8_cpu(const void* x, const int8_t* weight, const void* scale, const 
   if (dtype != kFloat32 && dtype != kBFloat16) return kBadDType;
   if (M < 1 || K < 1 || N < 1 || K > kInt8MaxK) return kBadShape;
   const Isa isa = active_isa();
-  const bool avx512 = isa == kIsaAvx512;
+  const bool avx512 = isa >= kIsaAvx512;
   const int nt = kernel_threads(N * K);
   const int64_t Kp = (K + 63) / 64 * 64;
 

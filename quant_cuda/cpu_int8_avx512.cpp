@@ -88,22 +88,17 @@ QC_AVX512 void plane_init(const int8_t* plane, int64_t Kp, int32_t* init) {
 QC_AVX512 void int8_activation_avx512(const float* x, int64_t K8, int64_t Kp, int8_t* planes, int32_t* init,
                                       float* xscale) {
   const float maxabs = max_abs(x, K8);
-  int8_t *pa = planes, *pb = planes + Kp, *pc = planes + 2 * Kp;
-  int64_t k = 0;
-  if (maxabs > 0.0f) {
-    const __m512d inv = _mm512_set1_pd(double(kActMax) / double(maxabs));
-    *xscale = float(double(maxabs) / double(kActMax));
-    for (; k < K8; k += 8) {
-      __m256i da, db, dc;
-      digits(grid8(x + k, inv), da, db, dc);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(pa + k), _mm256_cvtepi32_epi8(da));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(pb + k), _mm256_cvtepi32_epi8(db));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(pc + k), _mm256_cvtepi32_epi8(dc));
-    }
-  } else {  // all zero; or NaN/inf, which makes the whole output row NaN
-    *xscale = maxabs == 0.0f ? 0.0f : maxabs;
+  const bool zero = !(maxabs > 0.0f);  // all zero; or NaN/inf, which makes the whole output row NaN
+  const __m512d inv = _mm512_set1_pd(zero ? 0.0 : double(kActMax) / double(maxabs));
+  *xscale = zero ? (maxabs == 0.0f ? 0.0f : maxabs) : float(double(maxabs) / double(kActMax));
+  for (int64_t k = 0; k < Kp; k += 16) {  // zero digits past K8: the planes are padded to Kp
+    const __mmask16 mask = lane_mask(K8 - k);
+    __m512i a, b, c;
+    digits16(zero ? _mm512_setzero_si512() : grid16(x + k, mask, inv), a, b, c);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + k), _mm512_cvtepi32_epi8(a));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + Kp + k), _mm512_cvtepi32_epi8(b));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(planes + 2 * Kp + k), _mm512_cvtepi32_epi8(c));
   }
-  for (; k < Kp; ++k) pa[k] = pb[k] = pc[k] = 0;
   for (int d = 0; d < 3; ++d) plane_init(planes + d * Kp, Kp, init + 16 * d);
 }
 

@@ -16,7 +16,7 @@ Isa detect() {
   // __builtin_cpu_supports also checks that the OS saves the vector registers (XCR0).
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-    return kIsaAvx512;
+    return amx_usable() ? kIsaAmx : kIsaAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kIsaAvx2;
 #endif
   return kIsaScalar;
@@ -43,6 +43,7 @@ Isa select_isa(Isa requested) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case kIsaAmx: return "amx";
     case kIsaAvx512: return "avx512";
     case kIsaAvx2: return "avx2";
     default: return "scalar";
@@ -50,7 +51,7 @@ const char* isa_name(Isa isa) {
 }
 
 bool parse_isa(const char* name, Isa* isa) {
-  for (Isa i : {kIsaScalar, kIsaAvx2, kIsaAvx512}) {
+  for (Isa i : {kIsaScalar, kIsaAvx2, kIsaAvx512, kIsaAmx}) {
     if (std::strcmp(name, isa_name(i)) == 0) {
       *isa = i;
       return true;

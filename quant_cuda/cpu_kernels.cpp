@@ -1,7 +1,8 @@
 // CPU entry points of the kernel API (kernels.h): argument checks, the activation
 // prologue, and the split into tasks for the thread pool (cpu_threads.h). The arithmetic
-// lives in the bodies picked at run time (cpu_isa.cpp): cpu_kernels_avx512.cpp (AVX-512
-// VNNI), cpu_kernels_avx2.cpp (AVX2 + FMA) and cpu_kernels_scalar.cpp (any CPU).
+// lives in the bodies picked at run time (cpu_isa.cpp): cpu_kernels_amx.cpp (AMX tiles,
+// M >= 2), cpu_kernels_avx512.cpp (AVX-512 VNNI), cpu_kernels_avx2.cpp (AVX2 + FMA) and
+// cpu_kernels_scalar.cpp (any CPU).
 //
 // Work split: output columns are cut into chunks (chunk_width), one task each, claimed
 // by whichever thread is free (a thread that loses its core to another process does not
@@ -83,26 +84,28 @@ struct Prologue {
   int64_t M, K, G, group_size;
   int dtype;
   Isa isa;
+  const AmxPlan* amx;  // AMX tile layout for the digits; null: the AVX-512 one
   float* xf;  // AVX-512: [M, K] fp32 in qweight's row order (null: x itself is that);
               // AVX2/scalar: [M, K] pre-scaled activations
   int8_t* xq;
   float *xscale, *xsum;
 };
 
-constexpr int64_t kPrologueRows = 16;  // rows per prologue task
+constexpr int64_t kPrologueRows = 4;  // rows per prologue task (~2 us each at K = 4096)
 
 void prologue_task(void* ctx, int64_t task) {
   const Prologue& p = *static_cast<const Prologue*>(ctx);
   const int64_t m1 = std::min(p.M, (task + 1) * kPrologueRows);
   for (int64_t m = task * kPrologueRows; m < m1; ++m) {
-    if (p.isa == kIsaAvx512) {
+    if (p.isa >= kIsaAvx512) {
       const float* row = static_cast<const float*>(p.x) + m * p.K;
       if (p.xf) {  // gather into qweight's row order (act-order) and widen bf16
         float* dst = p.xf + m * p.K;
         for (int64_t r = 0; r < p.K; ++r) dst[r] = load_x(p.x, p.dtype, m * p.K + (p.perm ? p.perm[r] : r));
         row = dst;
       }
-      activation_digits_avx512(row, p.K, p.group_size, p.xq + m * p.K * 3, p.xscale + m * p.G, p.xsum + m * p.G);
+      const DigitLayout out = p.amx ? amx_layout(p.xq, m, *p.amx) : avx512_layout(p.xq, m, p.K);
+      activation_digits_avx512(row, p.K, p.group_size, out, p.xscale + m * p.G, p.xsum + m * p.G);
       continue;
     }
     // AVX2/scalar: gather, widen, apply the per-nibble scale (cpu_kernels.h) and sum
@@ -128,6 +131,7 @@ struct Chunks {
   float* acc;
   int64_t width;
   Isa isa;
+  const AmxPlan* amx;  // non-null: AMX tiles
 };
 
 void gemm_chunk_task(void* ctx, int64_t task) {
@@ -135,7 +139,8 @@ void gemm_chunk_task(void* ctx, int64_t task) {
   const GemmArgs& a = *t.a;
   const int64_t c0 = task * t.width, c1 = std::min(a.N, c0 + t.width);
   for (int64_t m = 0; m < a.M; ++m) std::fill(t.acc + m * a.N + c0, t.acc + m * a.N + c1, 0.0f);
-  if (t.isa == kIsaAvx512) return gemm_chunk_avx512(a, c0, c1, t.acc);
+  if (t.amx) return gemm_chunk_amx(a, *t.amx, c0, c1, t.acc, scratch<uint8_t>(kSlotTiles, 128 * a.group_size));
+  if (t.isa >= kIsaAvx512) return gemm_chunk_avx512(a, c0, c1, t.acc);
 
   const auto body = t.isa == kIsaAvx2 ? gemm_columns_avx2 : gemm_columns_scalar;
   const int64_t groups_per_pass = std::max<int64_t>(1, kRowsPerPass / a.group_size);
@@ -177,20 +182,28 @@ int gemm_4bit_cpu(const void* x, const int32_t* qweight, const int32_t* qzeros,
   const Isa isa = active_isa();
   const int nt = kernel_threads(K * N / 2);
 
-  Prologue p{x, perm, M, K, G, group_size, dtype, isa, nullptr, nullptr, nullptr, scratch<float>(kSlotXsum, M * G)};
-  if (isa == kIsaAvx512) {
-    p.xq = scratch<int8_t>(kSlotXq, M * K * 3);
+  // AMX from 2 rows on (a single row cannot fill a tile: the AVX-512 body is faster there).
+  const bool use_amx = isa == kIsaAmx && M >= 2;
+  const AmxPlan plan = use_amx ? amx_plan(M, K, group_size) : AmxPlan{};
+  Prologue p{x, perm, M, K, G, group_size, dtype, isa, use_amx ? &plan : nullptr,
+             nullptr, nullptr, nullptr, scratch<float>(kSlotXsum, M * G)};
+  if (isa >= kIsaAvx512) {
+    const int64_t rows = use_amx ? plan.padded_rows : M;
+    p.xq = scratch<int8_t>(kSlotXq, rows * K * 3);
+    if (rows > M)  // the last AMX pass reads whole tiles: its missing rows must be zero digits
+      for (int64_t b = 0; b < K / plan.kb; ++b)
+        std::fill_n(p.xq + (b * rows + M) * 3 * plan.kb, (rows - M) * 3 * plan.kb, int8_t(0));
     p.xscale = scratch<float>(kSlotXscale, M * G);
     if (perm || dtype != kFloat32) p.xf = scratch<float>(kSlotX, M * K);
   } else {
     p.xf = scratch<float>(kSlotX, M * K);
   }
   parallel_tasks((M + kPrologueRows - 1) / kPrologueRows, nt, prologue_task, &p);
-  const GemmArgs a{isa == kIsaAvx512 ? nullptr : p.xf, p.xq, p.xscale, p.xsum, qweight, qzeros, scales, bias, out,
+  const GemmArgs a{isa >= kIsaAvx512 ? nullptr : p.xf, p.xq, p.xscale, p.xsum, qweight, qzeros, scales, bias, out,
                    M, K, N, G, group_size, dtype};
 
   const int64_t width = chunk_width(N);
-  Chunks c{&a, scratch<float>(kSlotAcc, M * N), width, isa};
+  Chunks c{&a, scratch<float>(kSlotAcc, M * N), width, isa, use_amx ? &plan : nullptr};
   parallel_tasks((N + width - 1) / width, nt, gemm_chunk_task, &c);
   return kOk;
 }

@@ -27,7 +27,7 @@ constexpr int32_t kActMax = 8355711;
 
 struct GemmArgs {
   const float* x;        // AVX2/scalar: [M, K] fp32, rows of qweight's order, pre-scaled as above
-  const int8_t* xq;      // AVX-512: [M, K/8, 24] digits, see activation_digits_avx512
+  const int8_t* xq;      // AVX-512: digits, M = 1 or no AMX: [M, K/8, 24]; AMX: amx_layout
   const float* xscale;   // AVX-512: [M, G] grid step of each group
   const float* xsum;     // [M, G] per group: sum of the activations (AVX-512: sum of q)
   const int32_t* qweight;
@@ -54,15 +54,41 @@ void dequant_packed_row_avx2(const int32_t* qweight, const int32_t* qzeros, cons
 void dequant_packed_row_scalar(const int32_t* qweight, const int32_t* qzeros, const void* scales,
                                void* out, int64_t kp, int64_t N, int64_t group_size, int dtype);
 
-// AVX-512: one row of activations (fp32, qweight's row order) to its digits. Per kp
-// (8 rows of K) 24 bytes: digit a of rows 0,2,4,6 then 1,3,5,7 (the order in which
-// the low and high nibbles of a packed byte meet them), then b, then c likewise.
+// Where the digits of one activation row go. Each packed row kp (8 rows of K) has 8
+// bytes per digit, in the order 0,2,4,6,1,3,5,7 (the order in which the low and high
+// nibbles of a packed byte meet them); digit d of kp lies at at(kp) + d * digit_stride.
+struct DigitLayout {
+  int8_t* base;
+  int64_t block_kps, block_stride, kp_stride, digit_stride;
+  int8_t* at(int64_t kp) const { return base + kp / block_kps * block_stride + kp % block_kps * kp_stride; }
+};
+// AVX-512 layout of row m: [M, K/8, 24] (digits a, b, c of each kp together).
+inline DigitLayout avx512_layout(int8_t* xq, int64_t m, int64_t K) { return {xq + m * K * 3, K / 8, 0, 24, 8}; }
+
+// AVX-512: one row of activations (fp32, qweight's row order) to its digits;
 // xscale[g] and xsum[g] (sum of q) per group; a group with a NaN or inf gets xscale NaN.
-void activation_digits_avx512(const float* x, int64_t K, int64_t group_size, int8_t* xq, float* xscale,
-                              float* xsum);
+void activation_digits_avx512(const float* x, int64_t K, int64_t group_size, const DigitLayout& out,
+                              float* xscale, float* xsum);
 // Columns [c0, c1) for all rows, all groups: acc [M, N] (zero on entry for those
 // columns) is used as scratch; writes out[:, c0:c1] with bias, in the output dtype.
 void gemm_chunk_avx512(const GemmArgs& a, int64_t c0, int64_t c1, float* acc);
+// Writes out[:, c0:c1] = acc[:, c0:c1] (+ bias) in the output dtype.
+void store_chunk_avx512(const GemmArgs& a, int64_t c0, int64_t c1, const float* acc);
+
+// ---- AMX (cpu_kernels_amx.cpp), for M >= 2 ----------------------------------------------
+// The activation digits of `rows_per_pass` rows form one A tile per block of kb rows of K:
+// layout [K / kb, padded_rows, 3, kb] (rows past M zero), row m's digit d of block b at
+// ((b * padded_rows + m) * 3 + d) * kb.
+struct AmxPlan {
+  int64_t kb, rows_per_pass, padded_rows;
+};
+AmxPlan amx_plan(int64_t M, int64_t K, int64_t group_size);
+inline DigitLayout amx_layout(int8_t* xq, int64_t m, const AmxPlan& p) {
+  return {xq + m * 3 * p.kb, p.kb / 8, p.padded_rows * 3 * p.kb, 8, p.kb};
+}
+// As gemm_chunk_avx512, with AMX tiles; tiles: >= 128 * group_size bytes of scratch.
+void gemm_chunk_amx(const GemmArgs& a, const AmxPlan& p, int64_t c0, int64_t c1, float* acc, uint8_t* tiles);
+bool amx_usable();  // the CPU has AMX-INT8 and the OS let this process use it
 
 // ---- int8 GEMM (kernels.h gemm_int8_cpu) ---------------------------------------------
 // The AVX-512 body puts each activation row on the same 24-bit grid as above (one step
@@ -92,7 +118,7 @@ void gemm_int8_rows_scalar(const Int8Args& a, int64_t n0, int64_t n1);
 // ---- shared by the entry points ----------------------------------------------------------
 // A per-thread buffer of at least `bytes` (64-byte aligned) that lives until the thread
 // ends and is reused by the next call with the same slot: no allocation per call.
-enum ScratchSlot : int { kSlotX = 0, kSlotAcc, kSlotXscale, kSlotXsum, kSlotXq, kSlotXinit, kScratchSlots };
+enum ScratchSlot : int { kSlotX = 0, kSlotAcc, kSlotXscale, kSlotXsum, kSlotXq, kSlotXinit, kSlotTiles, kScratchSlots };
 void* thread_scratch(int slot, int64_t bytes);
 template <class T>
 T* scratch(int slot, int64_t n) {
@@ -103,12 +129,13 @@ T* scratch(int slot, int64_t n) {
 int kernel_threads(int64_t weight_bytes);
 
 // Which body runs. Ordered: a CPU that runs one runs all below it.
-enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+// kIsaAmx: AVX-512 at M = 1 (a GEMV cannot fill a tile), AMX tiles at M >= 2.
+enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAmx = 3 };
 Isa detected_isa();  // the best this CPU (and OS) supports
 Isa active_isa();
 // Makes the best body not above `requested` that this CPU runs active; returns it.
 Isa select_isa(Isa requested);
-const char* isa_name(Isa isa);  // "avx512", "avx2", "scalar"
+const char* isa_name(Isa isa);  // "amx", "avx512", "avx2", "scalar"
 bool parse_isa(const char* name, Isa* isa);  // also "best" (detected_isa())
 
 // Threads for the next calls (bindings.cpp passes at::get_num_threads()); <= 0: all

@@ -21,8 +21,6 @@
 //   acc += scale * xscale * ((65536 A + 256 B + C) - zero * sum(q)),
 // A, B, C the group's dot products with digits a, b, c.
 #if defined(__x86_64__) || defined(__i386__)
-#include <cstring>
-
 #include "cpu_avx512.h"
 
 namespace quant_cuda {
@@ -32,25 +30,7 @@ using namespace avx512;
 
 namespace {
 
-// ---- activations --------------------------------------------------------------------
-
-// The 8 lanes as bytes in the order 0,2,4,6,1,3,5,7 (even rows meet low nibbles).
-QC_AVX512 inline void store_digit8(int8_t* dst, __m256i d) {
-  const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm256_cvtepi32_epi8(_mm256_permutexvar_epi32(even_odd, d)));
-}
-
 // ---- weights --------------------------------------------------------------------------
-
-// True zeros (stored + 1) of 16 columns as floats: two qzeros words, 8 nibbles each (one
-// word when only the low 8 columns are in the layer).
-QC_AVX512 inline __m512 zeros16(const int32_t* p, __mmask16 mask) {
-  const __m128i words = _mm_maskz_loadu_epi32((mask & 0xFF00) ? 3 : 1, p);
-  const __m512i lanes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(words, words));  // lane i: byte i / 2
-  const __m512i shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-  const __m512i z = _mm512_and_si512(_mm512_srlv_epi32(lanes, shifts), _mm512_set1_epi32(0xF));
-  return _mm512_cvtepi32_ps(_mm512_add_epi32(z, _mm512_set1_epi32(1)));
-}
 
 // One group of MR rows x V*16 columns (c.. ; mask[v] marks the columns inside the layer):
 // adds the group's contribution to acc. 3*MR*V int32 accumulators and 2V nibble vectors
@@ -131,31 +111,38 @@ QC_AVX512 void rows_over_columns(const GemmArgs& a, int64_t c, int64_t g, const 
 
 }  // namespace
 
-QC_AVX512 void activation_digits_avx512(const float* x, int64_t K, int64_t group_size, int8_t* xq, float* xscale,
-                                        float* xsum) {
+QC_AVX512 void activation_digits_avx512(const float* x, int64_t K, int64_t group_size, const DigitLayout& out,
+                                        float* xscale, float* xsum) {
+  // Lanes in the order 0,2,4,6,1,3,5,7 within each 8 (the packed row's nibble order).
+  const __m512i even_odd = _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
   for (int64_t r0 = 0, g = 0; r0 < K; r0 += group_size, ++g) {
     const int64_t r1 = r0 + group_size < K ? r0 + group_size : K;
     const float maxabs = max_abs(x + r0, r1 - r0);
-    int8_t* dst = xq + r0 * 3;  // 24 bytes per 8 rows
-    if (!(maxabs > 0.0f)) {  // all zero; or NaN/inf, which poisons the group's outputs
-      std::memset(dst, 0, size_t((r1 - r0) * 3));
-      xscale[g] = maxabs == 0.0f ? 0.0f : maxabs;
-      xsum[g] = 0.0f;
-      continue;
+    const bool zero = !(maxabs > 0.0f);  // all zero; or NaN/inf, which poisons the group's outputs
+    const __m512d inv = _mm512_set1_pd(zero ? 0.0 : double(kActMax) / double(maxabs));
+    xscale[g] = zero ? (maxabs == 0.0f ? 0.0f : maxabs) : float(double(maxabs) / double(kActMax));
+    __m512i sa = _mm512_setzero_si512(), sb = sa, sc = sa;  // digit sums: sum(q) exactly
+    for (int64_t r = r0; r < r1; r += 16) {  // 2 packed rows (1 at the group's end when 8 are left)
+      const __mmask16 mask = lane_mask(r1 - r);
+      __m512i a, b, c;
+      digits16(_mm512_permutexvar_epi32(even_odd, grid16(x + r, mask, inv)), a, b, c);
+      sa = _mm512_add_epi32(sa, a);
+      sb = _mm512_add_epi32(sb, b);
+      sc = _mm512_add_epi32(sc, c);
+      const __m128i da = _mm512_cvtepi32_epi8(a), db = _mm512_cvtepi32_epi8(b), dc = _mm512_cvtepi32_epi8(c);
+      int8_t* dst = out.at(r / 8);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), da);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + out.digit_stride), db);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 2 * out.digit_stride), dc);
+      if (mask == 0xFFFF) {
+        dst = out.at(r / 8 + 1);
+        _mm_storeh_pd(reinterpret_cast<double*>(dst), _mm_castsi128_pd(da));
+        _mm_storeh_pd(reinterpret_cast<double*>(dst + out.digit_stride), _mm_castsi128_pd(db));
+        _mm_storeh_pd(reinterpret_cast<double*>(dst + 2 * out.digit_stride), _mm_castsi128_pd(dc));
+      }
     }
-    const __m512d inv = _mm512_set1_pd(double(kActMax) / double(maxabs));
-    xscale[g] = float(double(maxabs) / double(kActMax));
-    __m512d qsum = _mm512_setzero_pd();
-    for (int64_t r = r0; r < r1; r += 8, dst += 24) {
-      const __m256i q = grid8(x + r, inv);
-      qsum = _mm512_add_pd(qsum, _mm512_cvtepi32_pd(q));
-      __m256i a, b, c;
-      digits(q, a, b, c);
-      store_digit8(dst, a);
-      store_digit8(dst + 8, b);
-      store_digit8(dst + 16, c);
-    }
-    xsum[g] = float(_mm512_reduce_add_pd(qsum));
+    xsum[g] = float(65536.0 * _mm512_reduce_add_epi32(sa) + 256.0 * _mm512_reduce_add_epi32(sb) +
+                    double(_mm512_reduce_add_epi32(sc)));
   }
 }
 
@@ -173,6 +160,10 @@ QC_AVX512 void gemm_chunk_avx512(const GemmArgs& a, int64_t c0, int64_t c1, floa
       }
     }
   }
+  store_chunk_avx512(a, c0, c1, acc);
+}
+
+QC_AVX512 void store_chunk_avx512(const GemmArgs& a, int64_t c0, int64_t c1, const float* acc) {
   for (int64_t m = 0; m < a.M; ++m) {
     for (int64_t c = c0; c < c1; c += 16) {
       const __mmask16 mask = lane_mask(c1 - c);
@@ -190,8 +181,9 @@ QC_AVX512 void gemm_chunk_avx512(const GemmArgs& a, int64_t c0, int64_t c1, floa
 #include "cpu_kernels.h"
 namespace quant_cuda {
 namespace cpu {
-void activation_digits_avx512(const float*, int64_t, int64_t, int8_t*, float*, float*) {}
+void activation_digits_avx512(const float*, int64_t, int64_t, const DigitLayout&, float*, float*) {}
 void gemm_chunk_avx512(const GemmArgs&, int64_t, int64_t, float*) {}
+void store_chunk_avx512(const GemmArgs&, int64_t, int64_t, const float*) {}
 }  // namespace cpu
 }  // namespace quant_cuda
 #endif
