@@ -9,7 +9,8 @@ Which path runs (`backend()` says what was built; every fallback is logged once)
   kernel     4-bit layers that `prepare` accepted, with the compiled `quant_cuda` module:
              CPU float32/bfloat16 (float16 computed in float32), CUDA float16/bfloat16
              (float32 computed in float16, the GPTQ ecosystem's compute dtype).
-             At M = prod(x.shape[:-1]) >= *_DEQUANT_MIN_M rows: dequantize once + torch.matmul.
+             At M = prod(x.shape[:-1]) >= *_DEQUANT_MIN_M rows: dequantize once + torch.matmul
+             (CPU: not with the AMX body, which stays faster).
   reference  everything else: 2/3/8-bit, float64, act-order layouts whose groups are not
              contiguous runs after sorting, x that needs a gradient (the ops have no
              backward), or no compiled extension.
@@ -46,7 +47,13 @@ log = logging.getLogger(__name__)
 #   4096x4096,  1 thread:  M=256 426/394/286
 # The fused kernel keeps up with MKL's SGEMM to M ~ 128 and the crossover lies at M ~ 256.
 # The dequantized weight is fp32 on CPU (fp32 SGEMM, and as accurate as the fused kernel).
+# The AVX-512 body (same machine, Xeon, load ~10, best of 7 ms, fused / dequantize + matmul,
+# 4096x4096, 1 thread): M=64 52/151, M=256 223/278, M=512 358/249: the crossover stays.
 CPU_DEQUANT_MIN_M = 256
+# With AMX tiles (cpu_isa() == "amx") the fused kernel stays ahead at every M measured,
+# same runs: M=64 23/151, M=256 64/278, M=512 105/249 (2 threads 185/462; 576x1536: M=512
+# 8.8/21.9), so it never hands over.
+CPU_AMX_DEQUANT_MIN_M = 1 << 62
 # CUDA: placeholder until measured on a GPU (tools/bench_kernels.py); exllamav2 switches
 # at a few dozen rows for the same reason.
 CUDA_DEQUANT_MIN_M = 64
@@ -154,9 +161,12 @@ CPU_ISAS = ("amx", "avx512", "avx2", "scalar")
 CPU_ISA_ENV = "BLUELM_QUANT_CPU_ISA"
 
 
+_cpu_isa = _ext.get_cpu_isa() if _ext is not None else None  # a plain global: gemm reads it under torch.compile
+
+
 def cpu_isa() -> str | None:
     """The CPU kernel body in use ('amx', 'avx512', 'avx2' or 'scalar'); None without the extension."""
-    return _ext.get_cpu_isa() if _ext is not None else None
+    return _cpu_isa
 
 
 def set_cpu_isa(name: str) -> str:
@@ -170,7 +180,8 @@ def set_cpu_isa(name: str) -> str:
         raise QuantOpError(f"set_cpu_isa({name!r}): the quant_cuda extension is not usable ({_ext_error})")
     if name not in CPU_ISAS + ("best",):
         raise QuantOpError(f"unknown CPU kernel body {name!r}: use one of {', '.join(CPU_ISAS)} or 'best'")
-    got = _ext.set_cpu_isa(name)
+    global _cpu_isa
+    got = _cpu_isa = _ext.set_cpu_isa(name)
     if name != "best" and got != name:
         log.warning(
             "bluelm_quant.ops: this CPU cannot run the %s kernels (it has %s): using %s",
@@ -338,7 +349,7 @@ def gemm(x, qweight, qzeros, scales, g_idx, bits: int, bias=None, kernel=None) -
     x2 = x.reshape(-1, k).to(dtype)
     s = scales.to(dtype)
     b = bias.to(dtype) if bias is not None else None
-    min_m = CUDA_DEQUANT_MIN_M if x.is_cuda else CPU_DEQUANT_MIN_M
+    min_m = CUDA_DEQUANT_MIN_M if x.is_cuda else CPU_AMX_DEQUANT_MIN_M if _cpu_isa == "amx" else CPU_DEQUANT_MIN_M
     if x2.shape[0] >= min_m:
         mm_dtype = dtype if x.is_cuda else torch.float32
         w = torch.ops.bluelm_quant.dequantize_4bit(qw, qzeros, s, group_size, mm_dtype)
@@ -352,8 +363,10 @@ def gemm(x, qweight, qzeros, scales, g_idx, bits: int, bias=None, kernel=None) -
 # --- int8 weights (the quantized lm_head) -------------------------------------------------------
 
 # From this many activation rows on, placement.Int8Linear dequantizes chunks of rows and calls
-# torch.matmul instead of the int8 kernel (placeholder until measured: tools/bench_kernels.py).
-CPU_INT8_DEQUANT_MIN_M = 64
+# torch.matmul instead of the int8 kernel. SmolLM2's 49152x576 head, load ~10, best of 5 ms,
+# int8 kernel / chunked: 1 thread M=1 7.3/134, M=16 33/106, M=64 71/133, M=128 202/155;
+# 2 threads M=64 130/299, M=128 269/404.
+CPU_INT8_DEQUANT_MIN_M = 128
 
 
 def int8_kernel_runs(x: torch.Tensor) -> bool:
