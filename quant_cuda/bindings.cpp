@@ -303,7 +303,8 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
 }
 
 PyMethodDef kMethods[] = {
-    {"get_cpu_isa", py_get_cpu_isa, METH_NOARGS, "get_cpu_isa() -> the CPU body in use: 'amx', 'avx512', 'avx2' or 'scalar'"},
+    {"get_cpu_isa", py_get_cpu_isa, METH_NOARGS,
+     "get_cpu_isa() -> the CPU body in use: 'amx', 'avx512', 'avx2' or 'scalar'"},
     {"set_cpu_isa", py_set_cpu_isa, METH_O,
      "set_cpu_isa(name) -> the body now in use: the best one not above `name` ('amx', 'avx512', 'avx2', 'scalar'; "
      "'best') that this CPU runs"},

@@ -3,9 +3,10 @@
 // A zmm of weights is 64 consecutive k of one output row. vpdpbusd wants one unsigned
 // operand: the weights become w + 128 (xor 0x80) and meet the three signed digit planes
 // of the activation row (cpu_kernels.h); adding -128 * the lane sums of each plane leaves
-// exactly sum(w * digit) per lane. Four rows share each load of the activation digits (12 accumulators: GCC keeps them in registers). The
-// 16 lanes of 16 rows are then summed with one transpose-and-add tree instead of 16
-// separate horizontal sums. Compiled without -mavx512*, like cpu_kernels_avx512.cpp.
+// exactly sum(w * digit) per lane. Four rows share each load of the activation digits
+// (12 accumulators: GCC keeps them in registers). The 16 lanes of 16 rows are then summed
+// with one transpose-and-add tree instead of 16 separate horizontal sums. Compiled
+// without -mavx512*, like cpu_kernels_avx512.cpp.
 #if defined(__x86_64__) || defined(__i386__)
 #include "cpu_avx512.h"
 

@@ -83,11 +83,14 @@ QC_AMX void load_config(const AmxPlan& p) {
 }
 
 // Splits packed rows [kp0, kp0 + kb/8) of 16 columns into one B tile (kb/4 rows of 64 bytes).
+// prefetch: also ask for the same columns of the next group (as the AVX-512 body).
 QC_AMX inline void split_block(const GemmArgs& a, int64_t kp0, int64_t kb, int64_t col, __mmask16 mask,
-                               uint8_t* tile) {
+                               bool prefetch, uint8_t* tile) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t j = 0; j < kb / 8; ++j) {
-    const __m512i w = _mm512_maskz_loadu_epi32(mask, a.qweight + (kp0 + j) * a.N + col);
+    const int32_t* wp = a.qweight + (kp0 + j) * a.N + col;
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wp + a.group_size / 8 * a.N), _MM_HINT_T0);
+    const __m512i w = _mm512_maskz_loadu_epi32(mask, wp);
     _mm512_store_si512(tile + 128 * j, _mm512_and_si512(w, low4));
     _mm512_store_si512(tile + 128 * j + 64, _mm512_and_si512(_mm512_srli_epi32(w, 4), low4));
   }
@@ -155,7 +158,7 @@ QC_AMX void gemm_chunk_amx(const GemmArgs& a, const AmxPlan& p, int64_t c0, int6
       uint8_t* bt0 = tiles + (unit & 1) * group_bytes;
       for (int64_t b = 0; b < blocks; ++b)
         for (int v = 0; v < nc; ++v)
-          split_block(a, kp0 + b * kb / 8, kb, c + 16 * v, mask[v], bt0 + (b * 4 + v) * tile_bytes);
+          split_block(a, kp0 + b * kb / 8, kb, c + 16 * v, mask[v], g + 1 < a.G, bt0 + (b * 4 + v) * tile_bytes);
 
       for (int64_t m0 = 0; m0 < a.M; m0 += p.rows_per_pass, ++job) {
         QC_TILE_ZERO(0);
