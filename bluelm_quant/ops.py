@@ -15,6 +15,10 @@ Which path runs (`backend()` says what was built; every fallback is logged once)
              contiguous runs after sorting, x that needs a gradient (the ops have no
              backward), or no compiled extension.
 
+The CPU kernels run the best body the CPU has (`cpu_isa()`: amx, avx512, avx2, scalar);
+`set_cpu_isa` or BLUELM_QUANT_CPU_ISA pick a lower one, on as many threads as
+torch.get_num_threads() (at most the CPUs this process may use).
+
 `gemm_int8` is the same gateway for a weight-only int8 matrix with one scale per output
 row (the quantized lm_head, placement.Int8Linear): CPU kernel when `int8_kernel_runs(x)`.
 

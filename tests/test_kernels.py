@@ -421,6 +421,24 @@ def test_cpu_isa_choice():
     assert ops.cpu_isa() == DETECTED_ISA
 
 
+def test_cpu_isa_above_the_cpu_falls_back_with_a_warning(monkeypatch, caplog):
+    """What a CPU without the asked-for body gets (the extension lowers the request)."""
+
+    class OldCpu:  # stands in for quant_cuda on an AVX2-only CPU
+        cpu_isa_detected = "avx2"
+
+        @staticmethod
+        def set_cpu_isa(name):
+            return name if ops.CPU_ISAS.index(name) >= ops.CPU_ISAS.index("avx2") else "avx2"
+
+    monkeypatch.setattr(ops, "_ext", OldCpu)
+    monkeypatch.setattr(ops, "_cpu_isa", "avx2")
+    with caplog.at_level("WARNING", logger="bluelm_quant.ops"):
+        assert ops.set_cpu_isa("amx") == "avx2"
+    assert "this CPU cannot run the amx kernels (it has avx2): using avx2" in caplog.text
+    assert ops.cpu_isa() == "avx2"
+
+
 def test_cpu_isa_environment_variable_at_import():
     code = "from bluelm_quant import ops; print(ops.cpu_isa())"
     env = dict(os.environ, BLUELM_QUANT_CPU_ISA="scalar")
