@@ -1,11 +1,14 @@
 """CPU half of tools/bench_kernels.py: the 4-bit GEMM and the int8 lm_head, in GB/s against the
-read bandwidth this script measures (torch.sum over 1 GiB of float32, same thread count), beside
-torch's fp32 and bf16 matmul and its own int4 / int8 CPU kernels.
+read bandwidth this script measures, beside torch's fp32 and bf16 matmul and its own int4 / int8
+CPU kernels.
 
 Every variant of a row is timed in the same loop, one call each per repetition (so machine
 load hits them alike), rotating through enough weight copies (ROTATE_BYTES) that the last
 level cache never holds the weights; the table gives medians. GB/s counts the bytes a call
-must read and write: packed weights, zeros, scales, x and the output.
+must read and write: packed weights, zeros, scales, x and the output. The read bandwidth of
+a row ("read" variant, %bw's denominator) is torch.sum over float32 buffers of the weights'
+size, rotated and timed in the same loop: the same size of read at the same moments, so a
+busy machine slows both alike. The 1 GiB torch.sum figure per thread count is printed too.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def read_bandwidth_gbs(reps: int = 10) -> float:
 
 
 def copies_for(nbytes: int) -> int:
-    return max(2, min(64, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+    return max(2, min(1024, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
 
 def time_interleaved(variants: dict, reps: int) -> dict:
@@ -99,13 +102,14 @@ def int4pack_copies(k: int, n: int, group_size: int, copies: int):
             codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
             out.append((packed, torch.rand(k // group_size, n, 2, dtype=torch.bfloat16)))
-        torch.ops.aten._weight_int4pack_mm_for_cpu(torch.randn(1, k, dtype=torch.bfloat16), out[0][0], group_size, out[0][1])
+        x = torch.randn(1, k, dtype=torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(x, out[0][0], group_size, out[0][1])
         return out, ""
     except Exception as e:  # noqa: BLE001 - any failure means "not available here": say why
         return None, f"_weight_int4pack_mm_for_cpu unavailable: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
 
 
-def bench_4bit(args, threads: int, bandwidth: float, notes: set) -> list:
+def bench_4bit(args, threads: int, notes: set) -> list:
     rows = []
     gs = args.group_size
     op = torch.ops.bluelm_quant.gemm_4bit
@@ -115,6 +119,7 @@ def bench_4bit(args, threads: int, bandwidth: float, notes: set) -> list:
         dense = [torch.randn(k, n) for _ in range(copies_for(4 * k * n))]
         dense16 = [w.to(torch.bfloat16) for w in dense[: copies_for(2 * k * n)]]
         int4, why = int4pack_copies(k, n, gs, copies_for(k * n // 2))
+        reads = [torch.ones(k * n // 8) for _ in range(copies_for(k * n // 2))]
         if why:
             notes.add(why)
         base_s = None  # the M=1 time, for the per-row speedup
@@ -126,6 +131,7 @@ def bench_4bit(args, threads: int, bandwidth: float, notes: set) -> list:
                 for isa in args.isa
             }
             variants["ops.gemm"] = [lambda L=L: ops.gemm(x, L[0], L[1], L[2], L[3], 4, None, L[4]) for L in layers]
+            variants["read"] = [lambda r=r: r.sum() for r in reads]
             variants["fp32"] = [lambda w=w: torch.matmul(x, w) for w in dense]
             variants["bf16"] = [lambda w=w: torch.matmul(x16, w) for w in dense16]
             if int4:
@@ -135,19 +141,22 @@ def bench_4bit(args, threads: int, bandwidth: float, notes: set) -> list:
             t = time_interleaved(variants, args.iters)
             best = args.isa[0]
             gbs = bytes_4bit(m, k, n, gs) / t[best] / 1e9
+            read_gbs = k * n / 2 / t["read"] / 1e9
             if m == 1:
                 base_s = t[best]
             row = {"k": k, "n": n, "m": m, "threads": threads, "isa": best, "ms": t[best] * 1e3, "gbs": gbs,
-                   "bandwidth_share": gbs / bandwidth, **{f"{name}_ms": v * 1e3 for name, v in t.items()},
+                   "read_gbs": read_gbs, "bandwidth_share": gbs / read_gbs,
+                   **{f"{name}_ms": v * 1e3 for name, v in t.items()},
                    "per_row_speedup_vs_m1": base_s * m / t[best] if base_s else None}
             rows.append(row)
             other = " ".join(f"{t[i] * 1e3:9.3f}" for i in args.isa[1:])
             i4 = f"{t['int4'] * 1e3:9.3f}" if "int4" in t else f"{'-':>9}"
             per_row = f"{row['per_row_speedup_vs_m1']:6.2f}x" if row["per_row_speedup_vs_m1"] else f"{'-':>7}"
-            print(f"{shape:>11} {m:3d} {threads:3d} {t[best] * 1e3:9.3f} {gbs:6.1f} {100 * gbs / bandwidth:4.0f}% "
+            print(f"{shape:>11} {m:3d} {threads:3d} {t[best] * 1e3:9.3f} {gbs:6.1f} {read_gbs:6.1f} "
+                  f"{100 * gbs / read_gbs:4.0f}% "
                   f"{other} {t['ops.gemm'] * 1e3:9.3f} {t['fp32'] * 1e3:9.3f} {t['bf16'] * 1e3:9.3f} {i4} "
                   f"{t['fp32'] / t[best]:6.1f}x {per_row}", flush=True)
-        del layers, dense, dense16, int4
+        del layers, dense, dense16, int4, reads
     return rows
 
 
@@ -164,7 +173,7 @@ def chunked_forward(head: Int8Linear, x: torch.Tensor) -> torch.Tensor:
         ops.CPU_INT8_DEQUANT_MIN_M = old
 
 
-def bench_int8(args, threads: int, bandwidth: float) -> list:
+def bench_int8(args, threads: int) -> list:
     rows = []
     op = torch.ops.bluelm_quant.gemm_int8
     for shape in args.heads.split(","):
@@ -172,10 +181,12 @@ def bench_int8(args, threads: int, bandwidth: float) -> list:
         heads = [Int8Linear.from_weight(torch.randn(n, k), torch.float32) for _ in range(copies_for(n * k))]
         dense = [torch.randn(n, k) for _ in range(copies_for(4 * n * k))]
         dense16 = [w.to(torch.bfloat16) for w in dense[: copies_for(2 * n * k)]]
+        reads = [torch.ones(n * k // 4) for _ in range(copies_for(n * k))]
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k)
             x16 = x.to(torch.bfloat16)
             variants = {
+                "read": [lambda r=r: r.sum() for r in reads],
                 "int8": [lambda h=h: op(x, h.weight_int8, h.weight_scale, None) for h in heads],
                 "chunked": [lambda h=h: chunked_forward(h, x) for h in heads],
                 "fp32": [lambda w=w: torch.nn.functional.linear(x, w) for w in dense],
@@ -185,12 +196,15 @@ def bench_int8(args, threads: int, bandwidth: float) -> list:
             }
             t = time_interleaved(variants, args.iters)
             gbs = (n * k + 4 * n + 4 * m * k + 4 * m * n) / t["int8"] / 1e9
+            read_gbs = n * k / t["read"] / 1e9
             rows.append({"n": n, "k": k, "m": m, "threads": threads, "ms": t["int8"] * 1e3, "gbs": gbs,
-                         "bandwidth_share": gbs / bandwidth, **{f"{name}_ms": v * 1e3 for name, v in t.items()}})
-            print(f"{shape:>11} {m:3d} {threads:3d} {t['int8'] * 1e3:9.3f} {gbs:6.1f} {100 * gbs / bandwidth:4.0f}% "
+                         "read_gbs": read_gbs, "bandwidth_share": gbs / read_gbs,
+                         **{f"{name}_ms": v * 1e3 for name, v in t.items()}})
+            print(f"{shape:>11} {m:3d} {threads:3d} {t['int8'] * 1e3:9.3f} {gbs:6.1f} {read_gbs:6.1f} "
+                  f"{100 * gbs / read_gbs:4.0f}% "
                   f"{t['chunked'] * 1e3:9.3f} {t['fp32'] * 1e3:9.3f} {t['bf16'] * 1e3:9.3f} "
                   f"{t['int8pack'] * 1e3:9.3f} {t['fp32'] / t['int8']:6.1f}x", flush=True)
-        del heads, dense, dense16
+        del heads, dense, dense16, reads
     return rows
 
 
@@ -211,21 +225,24 @@ def bench_cpu(args) -> dict:
             torch.set_num_threads(threads)
             bandwidth = read_bandwidth_gbs()
             result["bandwidth_gbs"][threads] = bandwidth
-            print(f"\nthreads {threads}: read bandwidth {bandwidth:.1f} GB/s (torch.sum over 1 GiB float32, median)")
+            print(f"\nthreads {threads}: torch.sum over 1 GiB float32: {bandwidth:.1f} GB/s (median); "
+                  "%bw below: of the 'read' column, measured in the same loop")
             if args.shapes:
                 others = "".join(f" {i + ' ms':>9}" for i in args.isa[1:])
-                print(f"{'4-bit K x N':>11} {'M':>3} {'thr':>3} {args.isa[0] + ' ms':>9} {'GB/s':>6} {'%bw':>5}"
+                print(f"{'4-bit K x N':>11} {'M':>3} {'thr':>3} {args.isa[0] + ' ms':>9} {'GB/s':>6} {'read':>6} "
+                      f"{'%bw':>5}"
                       f"{others} {'ops.gemm':>9} {'fp32 ms':>9} {'bf16 ms':>9} {'int4 ms':>9} {'vs fp32':>7} "
                       f"{'row/M=1':>7}")
-                result["rows_4bit"] += bench_4bit(args, threads, bandwidth, notes)
+                result["rows_4bit"] += bench_4bit(args, threads, notes)
             if args.heads:
-                print(f"{'int8 N x K':>11} {'M':>3} {'thr':>3} {'int8 ms':>9} {'GB/s':>6} {'%bw':>5} "
+                print(f"{'int8 N x K':>11} {'M':>3} {'thr':>3} {'int8 ms':>9} {'GB/s':>6} {'read':>6} {'%bw':>5} "
                       f"{'chunked':>9} {'fp32 ms':>9} {'bf16 ms':>9} {'int8pack':>9} {'vs fp32':>7}")
-                result["rows_int8"] += bench_int8(args, threads, bandwidth)
+                result["rows_int8"] += bench_int8(args, threads)
     finally:
         torch.set_num_threads(before)
     for note in sorted(notes):
         print("note:", note)
-    print("columns: medians; %bw = GB/s of the first body over the read bandwidth; row/M=1 = (M x the M=1 time) / "
-          "this time; chunked = Int8Linear's dequantize + matmul path; int4/int8pack = torch's own CPU kernels")
+    print("columns: medians; read = torch.sum GB/s over the weights' bytes; %bw = GB/s of the first body / read; "
+          "row/M=1 = (M x the M=1 time) / this time; chunked = Int8Linear's dequantize + matmul path; "
+          "int4/int8pack = torch's own CPU kernels (int4: bf16 x)")
     return result
