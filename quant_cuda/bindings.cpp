@@ -255,6 +255,15 @@ Tensor gemm_int8(const Tensor& x_in, const Tensor& weight_in, const Tensor& scal
   return out;
 }
 
+// Read-bandwidth probe for tools/bench_kernels.py (kernels.h read_probe_cpu).
+int64_t read_probe(const Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.nbytes() % 8 == 0,
+              "bluelm_quant::read_probe: x must be a contiguous CPU tensor of a multiple of 8 bytes, got ",
+              x.device(), " ", x.sizes(), x.is_contiguous() ? "" : " (not contiguous)");
+  use_torch_threads();
+  return int64_t(read_probe_cpu(x.data_ptr(), int64_t(x.nbytes())) & 0x7FFFFFFFFFFFFFFFull);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bluelm_quant, m) {
@@ -267,12 +276,15 @@ TORCH_LIBRARY(bluelm_quant, m) {
         "-> Tensor");
   // y[M, N] = x[M, K] @ (scale[:, None] * weight).T (+ bias); weight int8 [N, K], scale [N]. CPU only.
   m.def("gemm_int8(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
+  // Reads all of x on the kernels' thread pool (for benchmarks: the bandwidth they can reach). CPU only.
+  m.def("read_probe(Tensor x) -> int");
 }
 
 TORCH_LIBRARY_IMPL(bluelm_quant, CPU, m) {
   m.impl("gemm_4bit", &gemm_4bit);
   m.impl("dequantize_4bit", &dequantize_4bit);
   m.impl("gemm_int8", &gemm_int8);
+  m.impl("read_probe", &read_probe);
 }
 
 #ifdef QUANT_CUDA_WITH_CUDA

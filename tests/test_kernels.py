@@ -408,6 +408,15 @@ def test_errors_name_the_problem():
         assert message in str(info.value), f"expected {message!r} in: {info.value}"
 
 
+def test_read_probe_reads_every_word():
+    """The benchmarks' bandwidth probe (tools/bench_kernels.py): xor of all 64-bit words."""
+    words = torch.randint(-(2**62), 2**62, (300_001,), dtype=torch.int64)
+    want = 0
+    for w in words.tolist():
+        want ^= w & (2**64 - 1)
+    assert OPS.read_probe(words) == want & (2**63 - 1)
+
+
 def test_cpu_isa_choice():
     assert ops.cpu_isa() == DETECTED_ISA
     with pytest.raises(ops.QuantOpError, match="unknown CPU kernel body 'avx9'"):

@@ -209,9 +209,11 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--threads", default="1,2", help="CPU: comma-separated torch thread counts")
     p.add_argument("--isa", default=None,
-                   help="CPU: comma-separated kernel bodies to time, the first one in the GB/s columns "
-                        f"(default: the best this CPU runs, then avx2 when that is avx512; from {', '.join(ops.CPU_ISAS)})")
+                   help="CPU: comma-separated kernel bodies to time, the first one in the GB/s columns (default: "
+                        f"the best this CPU runs and the lower SIMD ones; from {', '.join(ops.CPU_ISAS)})")
     p.add_argument("--heads", default=CPU_HEADS, help="CPU: comma-separated NxK int8 lm_head shapes ('' for none)")
+    p.add_argument("--stat", choices=("median", "best"), default="median",
+                   help="CPU: the median of the timed repetitions, or the fastest (a busy machine's quiet moments)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -227,7 +229,8 @@ def main(argv=None) -> int:
         args.m = args.m or CPU_M
         args.iters = args.iters or 15
         best = ops.cpu_isa() or "scalar"
-        args.isa = args.isa.split(",") if args.isa else [best] + (["avx2"] if best == "avx512" else [])
+        simd = ops.CPU_ISAS[ops.CPU_ISAS.index(best):ops.CPU_ISAS.index("scalar")] or [best]
+        args.isa = args.isa.split(",") if args.isa else list(simd)
         unknown = [i for i in args.isa if i not in ops.CPU_ISAS]
         if unknown:
             p.error(f"--isa {','.join(unknown)}: unknown CPU body; use {', '.join(ops.CPU_ISAS)}")

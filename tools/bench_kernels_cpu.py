@@ -2,17 +2,22 @@
 read bandwidth this script measures, beside torch's fp32 and bf16 matmul and its own int4 / int8
 CPU kernels.
 
-Every variant of a row is timed in the same loop, one call each per repetition (so machine
-load hits them alike), rotating through enough weight copies (ROTATE_BYTES) that the last
+Every variant of a row is timed in the same loop, one call each per repetition in a shuffled
+order (so machine load and the caches left by the previous call hit them alike), rotating through enough weight copies (ROTATE_BYTES) that the last
 level cache never holds the weights; the table gives medians. GB/s counts the bytes a call
 must read and write: packed weights, zeros, scales, x and the output. The read bandwidth of
-a row ("read" variant, %bw's denominator) is torch.sum over float32 buffers of the weights'
-size, rotated and timed in the same loop: the same size of read at the same moments, so a
-busy machine slows both alike. The 1 GiB torch.sum figure per thread count is printed too.
+a row ("read" variant, %bw's denominator) is torch.ops.bluelm_quant.read_probe over buffers of
+the weights' size, rotated and timed in the same loop: a plain read on the kernels' own thread
+pool, the same size of read at the same moments, so a busy machine slows both alike. (torch.sum
+with 2 threads is no bar on a loaded machine: its OpenMP region waits for a descheduled
+thread, ~16 ms a call measured.) torch.sum and read_probe over 1 GiB are printed per thread
+count for reference. --stat best reports the fastest repetition instead of the median: what
+the code does when the machine is momentarily quiet.
 """
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from contextlib import contextmanager
@@ -24,37 +29,36 @@ from bluelm_quant.placement import Int8Linear
 
 ROTATE_BYTES = 400 << 20  # > the 300 MB L3 of the dev machine's Xeon
 BANDWIDTH_BYTES = 1 << 30
+STATS = {"median": statistics.median, "best": min}
 
 
-def read_bandwidth_gbs(reps: int = 10) -> float:
-    """Median GB/s of torch.sum over 1 GiB of float32 at the current torch thread count."""
+def read_bandwidth_gbs(reps: int = 10) -> dict:
+    """{torch.sum, read_probe: median GB/s over 1 GiB} at the current torch thread count."""
     buf = torch.ones(BANDWIDTH_BYTES // 4)
-    buf.sum()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t0)
-    return BANDWIDTH_BYTES / statistics.median(times) / 1e9
+    t = time_interleaved({"torch.sum": [buf.sum], "read_probe": [lambda: torch.ops.bluelm_quant.read_probe(buf)]},
+                         reps, statistics.median)
+    return {name: BANDWIDTH_BYTES / v / 1e9 for name, v in t.items()}
 
 
 def copies_for(nbytes: int) -> int:
     return max(2, min(1024, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
 
-def time_interleaved(variants: dict, reps: int) -> dict:
-    """{name: median seconds per call}; variants: {name: [fn per weight copy]}."""
+def time_interleaved(variants: dict, reps: int, stat) -> dict:
+    """{name: stat(seconds per call)}; variants: {name: [fn per weight copy]}."""
     for fns in variants.values():  # warm-up: first-touch of every copy, thread pools started
         for f in fns:
             f()
     times = {name: [] for name in variants}
+    order, rng = list(variants), random.Random(0)
     for r in range(reps):
-        for name, fns in variants.items():
-            f = fns[r % len(fns)]
+        rng.shuffle(order)  # a fixed order would always time the same variant right after a big read
+        for name in order:
+            f = variants[name][r % len(variants[name])]
             t0 = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: stat(t) for name, t in times.items()}
 
 
 @contextmanager
@@ -131,14 +135,14 @@ def bench_4bit(args, threads: int, notes: set) -> list:
                 for isa in args.isa
             }
             variants["ops.gemm"] = [lambda L=L: ops.gemm(x, L[0], L[1], L[2], L[3], 4, None, L[4]) for L in layers]
-            variants["read"] = [lambda r=r: r.sum() for r in reads]
+            variants["read"] = [lambda r=r: torch.ops.bluelm_quant.read_probe(r) for r in reads]
             variants["fp32"] = [lambda w=w: torch.matmul(x, w) for w in dense]
             variants["bf16"] = [lambda w=w: torch.matmul(x16, w) for w in dense16]
             if int4:
                 variants["int4"] = [
                     lambda p=p: torch.ops.aten._weight_int4pack_mm_for_cpu(x16, p[0], gs, p[1]) for p in int4
                 ]
-            t = time_interleaved(variants, args.iters)
+            t = time_interleaved(variants, args.iters, STATS[args.stat])
             best = args.isa[0]
             gbs = bytes_4bit(m, k, n, gs) / t[best] / 1e9
             read_gbs = k * n / 2 / t["read"] / 1e9
@@ -186,7 +190,7 @@ def bench_int8(args, threads: int) -> list:
             x = torch.randn(m, k)
             x16 = x.to(torch.bfloat16)
             variants = {
-                "read": [lambda r=r: r.sum() for r in reads],
+                "read": [lambda r=r: torch.ops.bluelm_quant.read_probe(r) for r in reads],
                 "int8": [lambda h=h: op(x, h.weight_int8, h.weight_scale, None) for h in heads],
                 "chunked": [lambda h=h: chunked_forward(h, x) for h in heads],
                 "fp32": [lambda w=w: torch.nn.functional.linear(x, w) for w in dense],
@@ -194,7 +198,7 @@ def bench_int8(args, threads: int) -> list:
                 "int8pack": [lambda h=h: torch.ops.aten._weight_int8pack_mm(x, h.weight_int8, h.weight_scale)
                              for h in heads],
             }
-            t = time_interleaved(variants, args.iters)
+            t = time_interleaved(variants, args.iters, STATS[args.stat])
             gbs = (n * k + 4 * n + 4 * m * k + 4 * m * n) / t["int8"] / 1e9
             read_gbs = n * k / t["read"] / 1e9
             rows.append({"n": n, "k": k, "m": m, "threads": threads, "ms": t["int8"] * 1e3, "gbs": gbs,
@@ -216,8 +220,8 @@ def bench_cpu(args) -> dict:
     if "reference" in ops.backend():
         print("note: no compiled CPU kernel: nothing to measure")
         return {"device": "cpu", "backend": ops.backend(), "rows": []}
-    result = {"device": "cpu", "backend": ops.backend(), "torch": torch.__version__, "bandwidth_gbs": {},
-              "rows_4bit": [], "rows_int8": []}
+    result = {"device": "cpu", "backend": ops.backend(), "torch": torch.__version__, "stat": args.stat,
+              "bandwidth_gbs": {}, "rows_4bit": [], "rows_int8": []}
     notes: set = set()
     before = torch.get_num_threads()
     try:
@@ -225,8 +229,8 @@ def bench_cpu(args) -> dict:
             torch.set_num_threads(threads)
             bandwidth = read_bandwidth_gbs()
             result["bandwidth_gbs"][threads] = bandwidth
-            print(f"\nthreads {threads}: torch.sum over 1 GiB float32: {bandwidth:.1f} GB/s (median); "
-                  "%bw below: of the 'read' column, measured in the same loop")
+            print(f"\nthreads {threads}: 1 GiB read, median: torch.sum {bandwidth['torch.sum']:.1f} GB/s, read_probe "
+                  f"{bandwidth['read_probe']:.1f} GB/s; %bw below: of the 'read' column, measured in the same loop")
             if args.shapes:
                 others = "".join(f" {i + ' ms':>9}" for i in args.isa[1:])
                 print(f"{'4-bit K x N':>11} {'M':>3} {'thr':>3} {args.isa[0] + ' ms':>9} {'GB/s':>6} {'read':>6} "
@@ -242,7 +246,8 @@ def bench_cpu(args) -> dict:
         torch.set_num_threads(before)
     for note in sorted(notes):
         print("note:", note)
-    print("columns: medians; read = torch.sum GB/s over the weights' bytes; %bw = GB/s of the first body / read; "
+    print(f"columns: {args.stat} of {args.iters}; read = read_probe GB/s over the weights' bytes; "
+          "%bw = GB/s of the first body / read; "
           "row/M=1 = (M x the M=1 time) / this time; chunked = Int8Linear's dequantize + matmul path; "
           "int4/int8pack = torch's own CPU kernels (int4: bf16 x)")
     return result
