@@ -27,8 +27,12 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV = "BLUELM_QUANT_SELF_CHECK"
-# Representatives of the launchers' row-block variants (quant_cuda/gemm_4bit.cu, cpu_kernels.cpp).
+# The launchers' row-block variants (quant_cuda/gemm_4bit.cu, cpu_kernels*.cpp) fall into these
+# classes; each is checked with an awkward row count of its own (partial tiles: the CPU's AMX
+# body takes up to 5 rows per tile, CUDA's MMA kernels 8 or 16).
 M_CLASSES = (1, 2, 4, 8, 16, 32)
+REPRESENTATIVE_M = (1, 2, 3, 7, 13, 29)
+MAX_CHECK_M = 4096  # a dequantize + matmul threshold above this means that path never runs
 CHECK_COLUMNS = 64
 # Largest |kernel - reference| allowed, as a share of max |reference|. Both see the same
 # rounded inputs, so what is left is summation order and the output's rounding.
@@ -43,10 +47,12 @@ def m_class(m: int) -> int:
 
 
 def describe(key: tuple, path: str) -> str:
-    """A configuration key (device, dtype, bits, group size, act-order, in_features) in words."""
-    device, dtype, bits, group_size, act_order, k = key
+    """A configuration key (device, dtype, bits, group size, act-order, in_features, CPU body) in words."""
+    device, dtype, bits, group_size, act_order, k, cpu_body = key
     order = ", act-order" if act_order else ""
-    return f"{device} {str(dtype).replace('torch.', '')}, {bits}-bit, group size {group_size}{order}, in_features={k}, {path}"
+    body = f" ({cpu_body} body)" if cpu_body else ""
+    return (f"{device}{body} {str(dtype).replace('torch.', '')}, {bits}-bit, group size {group_size}{order}, "
+            f"in_features={k}, {path}")
 
 
 _UNSEEN = object()

@@ -9,12 +9,20 @@ Which path runs (`backend()` says what was built; every fallback is logged once)
   kernel     4-bit layers that `prepare` accepted, with the compiled `quant_cuda` module:
              CPU float32/bfloat16 (float16 computed in float32), CUDA float16/bfloat16
              (float32 computed in float16, the GPTQ ecosystem's compute dtype).
-             At M = prod(x.shape[:-1]) >= *_DEQUANT_MIN_M rows: dequantize once + torch.matmul.
+             At M = prod(x.shape[:-1]) >= *_DEQUANT_MIN_M rows: dequantize once + torch.matmul
+             (CPU: not with the AMX body, which stays faster).
              Each configuration checks itself against the reference path on first use
              (kernel_check.py) and falls back to it on a mismatch.
   reference  everything else: 2/3/8-bit, float64, act-order layouts whose groups are not
              contiguous runs after sorting, x that needs a gradient (the ops have no
              backward), or no compiled extension.
+
+The CPU kernels run the best body the CPU has (`cpu_isa()`: amx, avx512, avx2, scalar);
+`set_cpu_isa` or BLUELM_QUANT_CPU_ISA pick a lower one, on as many threads as
+torch.get_num_threads() (at most the CPUs this process may use).
+
+`gemm_int8` is the same gateway for a weight-only int8 matrix with one scale per output
+row (the quantized lm_head, placement.Int8Linear): CPU kernel when `int8_kernel_runs(x)`.
 
 Tensor layout (the standard GPTQ one, K = in_features, N = out_features):
   qweight int32 [K*bits/32, N]   codes packed along K, least-significant bits first
@@ -29,6 +37,7 @@ input row each holds; `standard_qweight` gives the checkpoint's order back for s
 from __future__ import annotations
 
 import logging
+import os
 from typing import NamedTuple
 
 import torch
@@ -50,7 +59,13 @@ log = logging.getLogger(__name__)
 #   4096x4096,  1 thread:  M=256 426/394/286
 # The fused kernel keeps up with MKL's SGEMM to M ~ 128 and the crossover lies at M ~ 256.
 # The dequantized weight is fp32 on CPU (fp32 SGEMM, and as accurate as the fused kernel).
+# The AVX-512 body (same machine, Xeon, load ~10, best of 7 ms, fused / dequantize + matmul,
+# 4096x4096, 1 thread): M=64 52/151, M=256 223/278, M=512 358/249: the crossover stays.
 CPU_DEQUANT_MIN_M = 256
+# With AMX tiles (cpu_isa() == "amx") the fused kernel stays ahead at every M measured,
+# same runs: M=64 23/151, M=256 64/278, M=512 105/249 (2 threads 185/462; 576x1536: M=512
+# 8.8/21.9), so it never hands over.
+CPU_AMX_DEQUANT_MIN_M = 1 << 62
 # CUDA: placeholder until measured on a GPU (tools/bench_kernels.py); exllamav2 switches
 # at a few dozen rows for the same reason.
 CUDA_DEQUANT_MIN_M = 64
@@ -195,8 +210,56 @@ def backend() -> str:
     if _ext is None:
         return f"reference (extension not built: {_ext_error})"
     if _ext.with_cuda:
-        return f"cuda+cpu kernels (TORCH_CUDA_ARCH_LIST {_ext.cuda_archs}; CPU {_ext.cpu_isa})"
-    return f"cpu-kernel ({_ext.cpu_isa}; no CUDA kernels in this build)"
+        return f"cuda+cpu kernels (TORCH_CUDA_ARCH_LIST {_ext.cuda_archs}; CPU {_ext.get_cpu_isa()})"
+    return f"cpu-kernel ({_ext.get_cpu_isa()}; no CUDA kernels in this build)"
+
+
+# Best first. amx: AVX-512 at M = 1, AMX tiles from 2 rows on (Intel Sapphire Rapids+).
+CPU_ISAS = ("amx", "avx512", "avx2", "scalar")
+CPU_ISA_ENV = "BLUELM_QUANT_CPU_ISA"
+
+
+_cpu_isa = _ext.get_cpu_isa() if _ext is not None else None  # a plain global: gemm reads it under torch.compile
+
+
+def cpu_isa() -> str | None:
+    """The CPU kernel body in use ('amx', 'avx512', 'avx2' or 'scalar'); None without the extension."""
+    return _cpu_isa
+
+
+def set_cpu_isa(name: str) -> str:
+    """Run the CPU kernels on body `name` ('amx', 'avx512', 'avx2', 'scalar' or 'best'); returns the one in use.
+
+    For tests and speed comparisons. A body this CPU cannot run is replaced by the best one
+    it can (with a warning), so a forced body never executes an unsupported instruction.
+    The BLUELM_QUANT_CPU_ISA environment variable does the same at import.
+    """
+    if _ext is None:
+        raise QuantOpError(f"set_cpu_isa({name!r}): the quant_cuda extension is not usable ({_ext_error})")
+    if name not in CPU_ISAS + ("best",):
+        raise QuantOpError(f"unknown CPU kernel body {name!r}: use one of {', '.join(CPU_ISAS)} or 'best'")
+    global _cpu_isa
+    got = _cpu_isa = _ext.set_cpu_isa(name)
+    if name != "best" and got != name:
+        log.warning(
+            "bluelm_quant.ops: this CPU cannot run the %s kernels (it has %s): using %s",
+            name, _ext.cpu_isa_detected, got,
+        )
+    return got
+
+
+def _isa_from_environment() -> None:
+    """Apply BLUELM_QUANT_CPU_ISA (run once at import)."""
+    value = os.environ.get(CPU_ISA_ENV, "")
+    if _ext is None or not value.strip():
+        return
+    try:
+        set_cpu_isa(value.strip().lower())
+    except QuantOpError as e:  # a typo must not stop the package from importing: say so, keep the best body
+        log.warning("bluelm_quant.ops: %s=%r ignored: %s", CPU_ISA_ENV, value, e)
+
+
+_isa_from_environment()
 
 
 if _ext is not None:
@@ -210,6 +273,12 @@ if _ext is not None:
     @torch.library.register_fake("bluelm_quant::dequantize_4bit")
     def _dequantize_4bit_fake(qweight, qzeros, scales, group_size, dtype=None):
         return scales.new_empty((qweight.shape[0] * 8, qweight.shape[1]), dtype=dtype or scales.dtype)
+
+    @torch.library.register_fake("bluelm_quant::gemm_int8")
+    def _gemm_int8_fake(x, weight, scale, bias):
+        torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {tuple(x.shape)}")
+        torch._check(x.shape[1] == weight.shape[1], lambda: f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+        return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 # --- load-time preparation ------------------------------------------------------------------
@@ -263,11 +332,31 @@ def prepare(qweight, qzeros, scales, g_idx, bits: int, bias=None) -> QLayer:
 # --- dispatch --------------------------------------------------------------------------------
 
 
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_USABLE_CPUS = _usable_cpus()
+
+
+def _check_cpu_threads() -> None:
+    """The CPU kernels run min(torch threads, usable CPUs) threads; say so once when capped."""
+    n = torch.get_num_threads()
+    if n > _USABLE_CPUS:
+        _warn_once(
+            f"torch.get_num_threads() is {n} but this process may run on {_USABLE_CPUS} CPUs: the 4-bit CPU "
+            f"kernels use {_USABLE_CPUS} threads (torch.set_num_threads({_USABLE_CPUS}) also keeps torch's own "
+            "ops from oversubscribing the cores)"
+        )
+
+
 def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype | None, str]:
     """The dtype the kernel runs in for x, or (None, why not)."""
     if _ext is None:
         return None, f"the quant_cuda extension is not usable ({_ext_error}); all quantized matmuls use the reference path"
     if x.device.type == "cpu":
+        if not torch.compiler.is_compiling():  # torch.get_num_threads() would break the graph
+            _check_cpu_threads()
         if x.dtype in (torch.float32, torch.bfloat16):
             return x.dtype, ""
         if x.dtype == torch.float16:
@@ -285,7 +374,9 @@ def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype | None, str]:
 
 
 def _dequant_min_m(device: torch.device) -> int:
-    return CUDA_DEQUANT_MIN_M if device.type == "cuda" else CPU_DEQUANT_MIN_M
+    if device.type == "cuda":
+        return CUDA_DEQUANT_MIN_M
+    return CPU_AMX_DEQUANT_MIN_M if _cpu_isa == "amx" else CPU_DEQUANT_MIN_M
 
 
 def _path(m: int, device: torch.device) -> str:
@@ -323,7 +414,10 @@ def _self_check(layer: QLayer, dtype: torch.dtype, device: torch.device) -> dict
                               bias=None if part.bias is None else part.bias.to(dtype).float())
     gen = torch.Generator(device=device).manual_seed(0)
     out = {}
-    for m in kernel_check.M_CLASSES + (_dequant_min_m(device),):
+    rows = list(kernel_check.REPRESENTATIVE_M)
+    if _dequant_min_m(device) <= kernel_check.MAX_CHECK_M:  # a path that runs at all
+        rows.append(_dequant_min_m(device))
+    for m in rows:
         x = torch.randn(m, part.in_features, generator=gen, device=device).to(dtype)
         ref = _gemm_reference_layer(x.float(), ref_layer)
         got = _run_kernel(x, part, dtype).float()
@@ -342,22 +436,67 @@ def gemm(x: torch.Tensor, layer: QLayer) -> torch.Tensor:
         _warn_once(why)
         return _gemm_reference_layer(x, layer)
     x2 = x.reshape(-1, k)
-    key = (x.device, dtype, layer.bits, layer.group_size, layer.perm is not None, k)
+    key = (x.device, dtype, layer.bits, layer.group_size, layer.perm is not None, k, _cpu_isa if x.device.type == "cpu" else None)
     if not kernel_check.STATE.path_ok(key, _path(x2.shape[0], x.device), lambda: _self_check(layer, dtype, x.device)):
         return _gemm_reference_layer(x, layer)
     return _run_kernel(x2, layer, dtype).to(x.dtype).reshape(*x.shape[:-1], layer.qweight.shape[1])
+
+
+# --- int8 weights (the quantized lm_head) -------------------------------------------------------
+
+# From this many activation rows on, placement.Int8Linear dequantizes chunks of rows and calls
+# torch.matmul instead of the int8 kernel. SmolLM2's 49152x576 head, load ~10, best of 5 ms,
+# int8 kernel / chunked: 1 thread M=1 7.3/134, M=16 33/106, M=64 71/133, M=128 202/155;
+# 2 threads M=64 130/299, M=128 269/404.
+CPU_INT8_DEQUANT_MIN_M = 128
+
+
+def int8_kernel_runs(x: torch.Tensor) -> bool:
+    """Whether `gemm_int8` has a kernel for activations x (else the caller's own matmul path)."""
+    return (
+        _ext is not None
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and x.numel() < CPU_INT8_DEQUANT_MIN_M * x.shape[-1]
+    )
+
+
+def gemm_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """y = x @ (scale[:, None] * weight).T (+ bias) on the CPU kernel, in x's dtype.
+
+    x [..., K] float32/bfloat16/float16 (float16 computed in float32); weight int8 [N, K]
+    (nn.Linear's layout); scale [N] and bias [N] any float dtype. Check `int8_kernel_runs(x)`
+    first: this raises QuantOpError where there is no kernel.
+    """
+    if not int8_kernel_runs(x):
+        why = _ext_error if _ext is None else f"{x.dtype} on {x.device}, {x.numel() // max(x.shape[-1], 1)} rows"
+        raise QuantOpError(f"gemm_int8: no int8 kernel for these activations ({why}); check ops.int8_kernel_runs(x)")
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise QuantOpError(f"gemm_int8: weight must be a 2-D int8 tensor [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    check_activation(x, weight, weight.shape[1])
+    dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+    _check_cpu_threads()
+    y = torch.ops.bluelm_quant.gemm_int8(
+        x.reshape(-1, weight.shape[1]).to(dtype), weight, scale.to(dtype), None if bias is None else bias.to(dtype)
+    )
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 __all__ = [
     "QLayer",
     "QuantOpError",
     "backend",
+    "cpu_isa",
     "check_layer",
     "dequantize",
     "dequantize_reference",
     "gemm",
+    "gemm_int8",
     "gemm_reference",
+    "int8_kernel_runs",
     "pack_multiple",
     "prepare",
+    "set_cpu_isa",
     "standard_qweight",
 ]

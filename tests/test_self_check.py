@@ -33,6 +33,11 @@ def layer(k=256, n=96, act_order=False, seed=0):
     return q
 
 
+def paths() -> int:
+    """M-paths a CPU configuration has: the row classes, plus dequantize + matmul unless the body never hands over."""
+    return len(kernel_check.M_CLASSES) + (ops._dequant_min_m(torch.device("cpu")) <= kernel_check.MAX_CHECK_M)
+
+
 def reference(q, x):
     return x.double() @ q.dequantize(torch.float64).T + q.bias.double()
 
@@ -44,9 +49,8 @@ def test_a_correct_kernel_passes_every_path_once(state):
         q(x)
         q(torch.randn(1, 256))
     verdicts = kernel_check.report()
-    assert len(verdicts) == len(kernel_check.M_CLASSES) + 1  # every M-path and dequantize + matmul, at once
+    assert len(verdicts) == paths()  # every M-path at once
     assert all(v["ok"] for v in verdicts), verdicts
-    assert "dequantize + matmul" in {v["config"].rpartition(", ")[2] for v in verdicts}
 
 
 def test_a_wrong_kernel_is_caught_and_the_reference_path_takes_over(state, caplog):
@@ -59,10 +63,28 @@ def test_a_wrong_kernel_is_caught_and_the_reference_path_takes_over(state, caplo
         y2 = q(x)
     assert torch.allclose(y1.double(), expected, atol=1e-4) and torch.equal(y1, y2)
     warnings = [r for r in caplog.records if "disagrees with the reference path" in r.getMessage()]
-    assert len(warnings) == len(kernel_check.M_CLASSES) + 1  # one per path, once
+    assert len(warnings) == paths()  # one per path, once
     text = warnings[0].getMessage()
     assert "act-order" in text and "group size 64" in text and "tools/gpu_check.py" in text
     assert not any(v["ok"] for v in kernel_check.report())
+
+
+def test_every_cpu_body_and_the_dequantize_path_are_checked(state):
+    """Each CPU body is its own configuration; a body that hands large M over to dequantize +
+    matmul gets that path checked too."""
+    q = layer()
+    bodies = [b for b in ("avx2", "scalar") if ops.set_cpu_isa(b) == b]
+    try:
+        for body in bodies:
+            ops.set_cpu_isa(body)
+            with torch.no_grad():
+                q(torch.randn(1, 256))
+    finally:
+        ops.set_cpu_isa("best")
+    checked = {v["config"] for v in kernel_check.report()}
+    for body in bodies:
+        assert {f"cpu ({body} body)" in c for c in checked} == {True, False} or len(bodies) == 1
+        assert any(f"({body} body)" in c and c.endswith("dequantize + matmul") for c in checked)
 
 
 def test_only_the_wrong_path_falls_back(state):
