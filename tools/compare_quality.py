@@ -7,8 +7,10 @@ English and Chinese on two evaluation domains (bluelm_quant.data.EVAL_SETS):
 
   in   held-out chapters of the Debian Reference, the document the default
        calibration text is cut from;
-  out  other documents no calibration mix uses: the Debian Administrator's Handbook
-       and GNOME Help (texts/SOURCES.md), windows split evenly between them.
+  out  other documents no calibration mix uses: the Debian Administrator's Handbook,
+       GNOME Help and the story text of The Battle for Wesnoth's campaigns
+       (texts/SOURCES.md), windows split evenly between them (the JSON has each
+       file's perplexity under "sets").
 
 plus how much of the fp->RTN gap GPTQ closes in each column. Prints a table, writes
 JSON. Default model: SmolLM2-135M-Instruct (judge it at g128 and per-channel: its
