@@ -141,6 +141,7 @@ def main(argv=None) -> int:
         del model
         print(f"checkpoint {path}: {rows[-1]}", flush=True)
     print_table(rows, args.domains)
+    print_sets_table(rows)
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump({"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "calib_mix": args.calib_mix,
                    "eval_windows": args.eval_windows, "domains": args.domains, "rows": rows}, f, indent=2)
@@ -163,8 +164,7 @@ def print_table(rows, domains) -> None:
         for d, lang in cols:
             key, closed = f"{d}_{lang}", ""
             if r["method"] not in ("fp32", "rtn") and r["group_size"] in rtn:
-                base = rtn[r["group_size"]][key] - fp[key]
-                closed = f"{100 * (rtn[r['group_size']][key] - r[key]) / base:.0f}%" if base > 0 else "n/a"
+                closed = _gap_closed(fp[key], rtn[r["group_size"]][key], r[key])
             cells += f"{r[key]:>11.3f}{closed:>6}"
         seconds = f"{r['seconds']:.0f}" if "seconds" in r else ""
         print(f"{r['method'][:12]:<12}{gs:>6}{act:>5}{cells}{seconds:>8}")
@@ -172,3 +172,27 @@ def print_table(rows, domains) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _gap_closed(fp: float, rtn: float, value: float) -> str:
+    return f"{100 * (rtn - value) / (rtn - fp):.0f}%" if rtn > fp else "n/a"
+
+
+def print_sets_table(rows) -> None:
+    """Perplexity per evaluation file (one line each), every row a column; quantized rows
+    other than RTN also get the share of that file's fp32->RTN gap (same grid) they close."""
+    fp = rows[0]
+    rtn = {r["group_size"]: r for r in rows if r["method"] == "rtn"}
+    header = f"\n{'evaluation file':<22}"
+    for r in rows:
+        name = r["method"] if r["group_size"] is None else f"{r['method']} g{r['group_size']}"
+        header += f"{name[:17]:>18}" + ("" if r["method"] in ("fp32", "rtn") else f"{'gap':>6}")
+    print(header)
+    for name in fp["sets"]:
+        line = f"{name:<22}"
+        for r in rows:
+            line += f"{r['sets'][name]:>18.3f}"
+            if r["method"] not in ("fp32", "rtn"):
+                base = rtn.get(r["group_size"])
+                line += f"{_gap_closed(fp['sets'][name], base['sets'][name], r['sets'][name]) if base else '':>6}"
+        print(line)
