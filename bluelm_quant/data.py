@@ -45,10 +45,12 @@ LANGS = ("en", "zh")
 DOMAINS = ("in", "out")
 # Evaluation sets by domain (file stems, "{lang}" filled in; texts/SOURCES.md has the
 # sources). "in": held-out chapters of the document the default calibration text is cut
-# from. "out": other documents, used by no calibration mix: a book and a desktop help.
+# from. "out": other documents, used by no calibration mix: a book and a desktop help
+# (technical prose, like the calibration text) and a game's story text (narrative prose:
+# another genre altogether).
 EVAL_SETS = {
     "in": ("heldout_{lang}",),
-    "out": ("eval_handbook_{lang}", "eval_gnomehelp_{lang}"),
+    "out": ("eval_handbook_{lang}", "eval_gnomehelp_{lang}", "eval_wesnoth_{lang}"),
 }
 # Calibration sources by name (file names, "{lang}" filled in), and named mixes of them.
 # Every mix takes both languages of each of its sources; windows split evenly per file.

@@ -39,3 +39,17 @@ def test_variants_build_valid_configs():
     static, _ = cq.variant_config("static", 3, 64)
     assert static.act_order == "static" and static.to_dict()["desc_act"] is False
     assert cq.variant_config("static+diverse", 4, 128)[1] == {"mix": "diverse"}
+
+
+def test_sets_table_reports_gap_closed_per_evaluation_file(capsys):
+    rows = [row("fp32", None, None, 0, 0, 0, 0, sets={"eval_a_en": 10.0, "eval_b_en": 20.0}),
+            row("rtn", 4, 128, 0, 0, 0, 0, sets={"eval_a_en": 14.0, "eval_b_en": 30.0}),
+            row("gptq", 4, 128, 0, 0, 0, 0, sets={"eval_a_en": 11.0, "eval_b_en": 32.0}),
+            row("other", 4, 64, 0, 0, 0, 0, sets={"eval_a_en": 12.0, "eval_b_en": 25.0})]
+    cq.print_sets_table(rows)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["evaluation", "file", "fp32", "rtn", "4b", "g128", "gptq", "4b", "g128", "gap",
+                                "other", "4b", "g64", "gap"]
+    # (14-11)/4 = 75%, (30-32)/10 = -20%; no g64 RTN row: no gap for "other"
+    assert lines[1].split() == ["eval_a_en", "10.000", "14.000", "11.000", "75%", "12.000"]
+    assert lines[2].split() == ["eval_b_en", "20.000", "30.000", "32.000", "-20%", "25.000"]

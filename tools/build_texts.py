@@ -11,7 +11,8 @@ any paragraph that also occurs in the calibration text (repeated notes, cross
 references) is dropped from the held-out text, so the two never overlap.
 
 The out-of-domain evaluation texts (eval_<source>_<lang>.txt) and the extra calibration
-texts (calib_<source>_<lang>.txt) come from other packages, listed with their extraction
+texts (calib_<source>_<lang>.txt) come from other packages (documentation, and the story
+text of a game's campaigns), listed with their extraction
 rules in tools/text_sources.py. Every paragraph is written at most once over all files
 (Debian Reference first, then text_sources.SOURCES in order), so no two files share a
 paragraph. The hand-written calib_chat_*.jsonl files are not built here.
@@ -146,7 +147,7 @@ def build(roots: dict[str, Path]) -> dict[str, str]:
     files[GPL2_NAME] = GPL2.read_text(encoding="utf-8")
     for source in text_sources.SOURCES:
         for lang, pkg_text in source.langs.items():
-            pages = pkg_text.extract(roots[pkg_text.package], lang)
+            pages = pkg_text.extract(roots, lang)
             files[source.file_name(lang)] = _within_budget(pages, seen[lang], source.budget)
     files[CC_BY_SA_NAME] = _copyright_license(roots[CC_BY_SA_FROM[0]] / CC_BY_SA_FROM[1], "CC-BY-SA-3.0")
     files[FAQ_NOTICE_NAME] = (roots[FAQ_NOTICE_FROM[0]] / FAQ_NOTICE_FROM[1]).read_text(encoding="utf-8")

@@ -8,8 +8,10 @@ and size), and reports perplexity in English and Chinese on the evaluation domai
 
   in   held-out chapters of the Debian Reference, the document the default
        calibration text is cut from;
-  out  other documents no calibration mix uses (texts/SOURCES.md), windows split evenly
-       between them.
+  out  other documents no calibration mix uses: the Debian Administrator's Handbook,
+       GNOME Help and the story text of The Battle for Wesnoth's campaigns
+       (texts/SOURCES.md), windows split evenly between them (the JSON has each
+       file's perplexity under "sets").
 
 plus how much of the fp->RTN gap (same bits and grid) each row closes, and how long the
 quantization took. A quantized model is scored with its weights dequantized into float32
@@ -177,6 +179,7 @@ def main(argv=None) -> int:
                      "group_size": q.group_size, **evaluate(dequantized(path), windows)})
         print(f"checkpoint {path}: {rows[-1]}", flush=True)
     print_table(rows, args.domains)
+    print_sets_table(rows)
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump({"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "calib_mix": args.calib_mix,
                    "eval_windows": args.eval_windows, "domains": args.domains, "rows": rows}, f, indent=2)
@@ -199,8 +202,7 @@ def print_table(rows, domains) -> None:
         for d, lang in cols:
             key, closed = f"{d}_{lang}", ""
             if r["method"] not in ("fp32", "rtn") and base_row is not None:
-                base = base_row[key] - fp[key]
-                closed = f"{100 * (base_row[key] - r[key]) / base:.0f}%" if base > 0 else "n/a"
+                closed = _gap_closed(fp[key], base_row[key], r[key])
             cells += f"{r[key]:>11.3f}{closed:>6}"
         seconds = f"{r['seconds']:.0f}" if "seconds" in r else ""
         bits = "" if r["bits"] is None else str(r["bits"])
@@ -209,3 +211,27 @@ def print_table(rows, domains) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _gap_closed(fp: float, rtn: float, value: float) -> str:
+    return f"{100 * (rtn - value) / (rtn - fp):.0f}%" if rtn > fp else "n/a"
+
+
+def print_sets_table(rows) -> None:
+    """Perplexity per evaluation file (one line each), every row a column; quantized rows
+    other than RTN also get the share of that file's fp32->RTN gap (same grid) they close."""
+    fp = rows[0]
+    rtn = {(r["bits"], r["group_size"]): r for r in rows if r["method"] == "rtn"}
+    header = f"\n{'evaluation file':<22}"
+    for r in rows:
+        name = r["method"] if r["group_size"] is None else f"{r['method']} {r['bits']}b g{r['group_size']}"
+        header += f"{name[:17]:>18}" + ("" if r["method"] in ("fp32", "rtn") else f"{'gap':>6}")
+    print(header)
+    for name in fp["sets"]:
+        line = f"{name:<22}"
+        for r in rows:
+            line += f"{r['sets'][name]:>18.3f}"
+            if r["method"] not in ("fp32", "rtn"):
+                base = rtn.get((r["bits"], r["group_size"]))
+                line += f"{_gap_closed(fp['sets'][name], base['sets'][name], r['sets'][name]) if base else '':>6}"
+        print(line)
