@@ -64,6 +64,9 @@ class SelfCheck:
         self.verdicts: dict[tuple, str | None] = {}  # (key, path) -> None when the kernel agrees, else why not
         # Test-only: applied to every kernel output, so tests can plant a wrong kernel.
         self.fault: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Bumped when verdicts are forgotten or checking is switched: ops.GemmPlan made under an
+        # older epoch goes back through the checked path.
+        self.epoch = 0
 
     def path_ok(self, key: tuple, path: str, check_all: Callable[[], dict[str, tuple[float, float]]]) -> bool:
         """Whether `path` of configuration `key` may run the kernel; checks every path of the
@@ -98,6 +101,7 @@ class SelfCheck:
 
     def reset(self) -> None:
         self.verdicts.clear()
+        self.epoch += 1
 
 
 STATE = SelfCheck()
@@ -106,6 +110,7 @@ STATE = SelfCheck()
 def set_enabled(enabled: bool) -> None:
     """Turn the first-use self-check on or off for this process (default on; env BLUELM_QUANT_SELF_CHECK=0: off)."""
     STATE.enabled = bool(enabled)
+    STATE.epoch += 1
 
 
 def report() -> list[dict]:

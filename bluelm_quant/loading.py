@@ -21,13 +21,15 @@ from torch import nn
 
 from .auto import register_auto_classes
 from .modeldir import ModelDir
-from .placement import CPUEmbedding, DeviceMemoryError, Int8Linear, check_dtype, resolve_device
+from .placement import (CPUEmbedding, DeviceMemoryError, Int8Linear, check_dtype, head_bytes, quantize_head_4bit,
+                        resolve_device)
 from .saving import tied_keys
 from .shards import CheckpointError, ShardReader
 from .skeleton import QUANT_SUFFIXES, assign_tensor, build_skeleton, finish_quant_linear, swap_quant_linears
 
 log = logging.getLogger(__name__)
 
+LM_HEAD_BITS = (4, 8, 16)
 # Buffers that old checkpoints carry but models recompute (legacy RoPE caches).
 IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -39,7 +41,7 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     embed_on_cpu: bool = False  # the token-embedding table stays in host memory
-    lm_head_bits: int = 16  # 8: int8 lm_head with per-row scales
+    lm_head_bits: int = 16  # 8: int8 lm_head with per-row scales; 4: 4-bit groups (placement.quantize_head_4bit)
 
 
 class LoadPlan:
@@ -75,8 +77,8 @@ class LoadPlan:
             size = numel * (fsize if reader.dtype(key).is_floating_point else 4)
             if key == self.embed_key:
                 total += self._embedding_bytes(numel, size, reader.shape(key)[0], fsize)
-            elif key == self.head_key and self.lm_head_bits == 8:
-                total += numel + reader.shape(key)[0] * fsize
+            elif key == self.head_key and self.lm_head_bits < 16:
+                total += head_bytes(numel, reader.shape(key)[0], fsize, self.lm_head_bits)
             else:
                 total += size
         return total
@@ -84,14 +86,14 @@ class LoadPlan:
     def _embedding_bytes(self, numel: int, size: int, rows: int, fsize: int) -> int:
         head = 0
         if self.tied:  # the head is made from this table: a second copy, or an int8 one
-            head = numel + rows * fsize if self.lm_head_bits == 8 else size
-        separate_head = self.embed_on_cpu or self.lm_head_bits == 8
+            head = head_bytes(numel, rows, fsize, self.lm_head_bits) if self.lm_head_bits < 16 else size
+        separate_head = self.embed_on_cpu or self.lm_head_bits < 16
         return (0 if self.embed_on_cpu else size) + (head if separate_head else 0)
 
     def is_transient(self, key: str) -> bool:
         """Whether the stored tensor is dropped after reading (moved, converted, quantized, or
         regrouped for the kernel: a dynamic act-order qweight)."""
-        if self.device.type != "cpu" or (key == self.head_key and self.lm_head_bits == 8):
+        if self.device.type != "cpu" or (key == self.head_key and self.lm_head_bits < 16):
             return True
         stored = self.model_dir.reader.dtype(key)
         if stored.is_floating_point:
@@ -118,14 +120,14 @@ class LoadPlan:
             if not self.pending[name]:
                 self._finish_layer(name)
             return
-        if key == self.embed_key and (self.embed_on_cpu or (self.tied and self.lm_head_bits == 8)):
+        if key == self.embed_key and (self.embed_on_cpu or (self.tied and self.lm_head_bits < 16)):
             if self.tied:
                 self._set_head(t)
             if self.embed_on_cpu:
                 old = model.get_input_embeddings()
                 model.set_input_embeddings(CPUEmbedding(t, getattr(old, "padding_idx", None), self.device))
                 return
-        if key == self.head_key and self.lm_head_bits == 8:
+        if key == self.head_key and self.lm_head_bits < 16:
             self._set_head(t)
             return
         assign_tensor(model, key, t.to(self.device))
@@ -143,10 +145,13 @@ class LoadPlan:
     def _set_head(self, weight: torch.Tensor) -> None:
         """The output projection from `weight` (its own tensor, int8 or a device copy)."""
         head = self.model.get_output_embeddings()
-        if self.lm_head_bits == 8:
+        if self.lm_head_bits < 16:
             if getattr(head, "bias", None) is not None:
-                raise CheckpointError("lm_head_bits=8 supports an lm_head without bias only")
-            self.model.set_output_embeddings(Int8Linear.from_weight(weight, self.dtype, self.device))
+                raise CheckpointError(f"lm_head_bits={self.lm_head_bits} supports an lm_head without bias only")
+            if self.lm_head_bits == 8:
+                self.model.set_output_embeddings(Int8Linear.from_weight(weight, self.dtype, self.device))
+            else:
+                self.model.set_output_embeddings(quantize_head_4bit(weight, self.dtype, self.device))
         else:
             head.weight = nn.Parameter(weight.to(self.device), requires_grad=False)
 
@@ -157,8 +162,8 @@ def oom_message(path: str, plan: LoadPlan, needed: int, loaded: int | None, free
     hints = []
     if not plan.embed_on_cpu:
         hints.append("embed_on_cpu=True (keeps the embedding table in host memory)")
-    if plan.lm_head_bits != 8:
-        hints.append("lm_head_bits=8 (halves the lm_head)")
+    if plan.lm_head_bits == 16:
+        hints.append("lm_head_bits=8 or 4 (a half or a quarter of the lm_head)")
     hints.append("freeing GPU memory held by other processes, or device='cpu'")
     return (
         f"not enough memory on {plan.device} to load {path}: the model needs about {needed / gib:.2f} GiB there"
@@ -182,15 +187,19 @@ def load_quantized(
     cannot run (bf16 before Ampere) is an error, or fp16 (CUDA) / fp32 (CPU) with
     allow_dtype_fallback=True.
     embed_on_cpu: keep the token-embedding table in host memory (CPUEmbedding).
-    lm_head_bits: 16 keeps lm_head in `dtype`; 8 stores it as int8 with per-row scales.
+    lm_head_bits: 16 keeps lm_head in `dtype`; 8 stores it as int8 with per-row scales; 4 as 4-bit
+    groups quantized at load time (round-to-nearest, placement.quantize_head_4bit). On the CPU
+    both run on the quantized kernels, faster than the full-precision head at batch 1
+    (perplexity cost measured in docs/ and placement.py).
 
     Device memory peaks near the final size.
     """
     model_dir = path if isinstance(path, ModelDir) else ModelDir(path)
     path = model_dir.path
     device = resolve_device(device)
-    if lm_head_bits not in (8, 16):
-        raise ValueError(f"lm_head_bits={lm_head_bits!r}: use 16 (lm_head in the compute dtype) or 8 (int8 per-row)")
+    if lm_head_bits not in LM_HEAD_BITS:
+        raise ValueError(f"lm_head_bits={lm_head_bits!r}: use 16 (lm_head in the compute dtype), 8 (int8 per-row) "
+                         "or 4 (4-bit groups)")
     config = model_dir.require_quant()
     source = "dtype" if dtype is not None else f"{path}/config.json torch_dtype"
     dtype = check_dtype(device, dtype if dtype is not None else model_dir.dtype, allow_dtype_fallback, source)
@@ -213,7 +222,7 @@ def load_quantized(
     finally:
         model_dir.close()
     _check_complete(plan, expected, loaded)
-    if plan.tie and not (embed_on_cpu or lm_head_bits == 8):
+    if plan.tie and not (embed_on_cpu or lm_head_bits < 16):
         model.tie_weights()  # one table for both; the memory savers need them apart
     model.to(device)  # the small buffers built on the CPU (RoPE tables); loaded tensors stay put
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

@@ -22,6 +22,9 @@ from .packing import gptq_tensors, pack_multiple
 from .quantizer import QuantizedWeight, default_g_idx, rtn
 
 
+_TENSOR_NAMES = frozenset({"qweight", "qzeros", "scales", "g_idx", "bias", "kernel_perm", "kernel_group_size"})
+
+
 class QuantLinear(nn.Module):
     def __init__(
         self,
@@ -59,6 +62,9 @@ class QuantLinear(nn.Module):
         # and the contiguous group size the kernels run with (None: the reference path).
         self.register_buffer("kernel_perm", None, persistent=False)
         self.kernel_group_size: int | None = None
+        # ops.GemmPlan for the activations seen so far (None: not made yet; False: none possible);
+        # dropped whenever the tensors change (post_init, .to(), assigning a buffer).
+        self._plan: ops.GemmPlan | None | bool = None
 
     # --- construction ----------------------------------------------------------------
 
@@ -106,6 +112,7 @@ class QuantLinear(nn.Module):
             raise RuntimeError("QuantLinear.post_init() ran twice: qweight is already in the kernel's row order")
         layer = ops.prepare(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
         self.qweight, self.kernel_perm, self.kernel_group_size = layer.qweight, layer.perm, layer.group_size
+        self._plan = None
 
     def quant_layer(self) -> ops.QLayer:
         """This layer's tensors as ops takes them."""
@@ -131,8 +138,24 @@ class QuantLinear(nn.Module):
         """The weight in nn.Linear orientation [out_features, in_features]."""
         return ops.dequantize(self.quant_layer(), dtype).T
 
+    def __setattr__(self, name, value):
+        if name in _TENSOR_NAMES:  # a plan holds the old tensors
+            self.__dict__["_plan"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        self._plan = None  # .to() / .float() / .cuda(): new tensors, maybe another dtype or device
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.gemm(x, self.quant_layer())
+        plan = self._plan
+        if plan and ops.plan_applies(plan, x):
+            return ops.run_plan(plan, x)
+        layer = self.quant_layer()
+        y = ops.gemm(x, layer)
+        if plan is None:  # the first call has run the self-check: decide the fast path once
+            self._plan = ops.plan_gemm(x, layer) or False
+        return y
 
     def extra_repr(self) -> str:
         return (

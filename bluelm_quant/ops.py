@@ -339,12 +339,44 @@ def _usable_cpus() -> int:
 _USABLE_CPUS = _usable_cpus()
 
 
+_kernel_threads = 0  # set_kernel_threads' count; 0: torch.get_num_threads()
+
+
+def set_kernel_threads(n: int | None) -> int:
+    """Run the CPU kernels on n threads whatever torch.set_num_threads says (None or 0: follow torch,
+    the default); returns the count they will use.
+
+    Why a count of their own: at batch 1 torch's ops between the kernels (norms, RoPE, attention
+    over a short cache) take microseconds, and a 2-thread OpenMP region of theirs waits a whole
+    scheduler time slice for a descheduled thread on a loaded machine (an SDPA call measured
+    16 ms instead of 30 us). The decode loop (generate.Generator) runs torch on one thread and the
+    kernels, whose own pool does not wait for late threads, on all of them. More than the CPUs
+    this process may use runs that many (with a warning).
+    """
+    n = int(n or 0)
+    if n < 0:
+        raise QuantOpError(f"set_kernel_threads({n}): use a positive thread count, or None to follow torch")
+    if _ext is None:
+        raise QuantOpError(f"set_kernel_threads({n}): the quant_cuda extension is not usable ({_ext_error})")
+    global _kernel_threads
+    _ext.set_kernel_threads(n)
+    _kernel_threads = n
+    _check_cpu_threads()
+    return min(kernel_threads(), _USABLE_CPUS)
+
+
+def kernel_threads() -> int:
+    """The thread count the CPU kernels are asked for (before the cap at the usable CPUs)."""
+    return _kernel_threads or torch.get_num_threads()
+
+
 def _check_cpu_threads() -> None:
-    """The CPU kernels run min(torch threads, usable CPUs) threads; say so once when capped."""
-    n = torch.get_num_threads()
+    """The CPU kernels run min(asked threads, usable CPUs) threads; say so once when capped."""
+    n = kernel_threads()
     if n > _USABLE_CPUS:
+        asked = f"set_kernel_threads({n})" if _kernel_threads else f"torch.get_num_threads() is {n}"
         _warn_once(
-            f"torch.get_num_threads() is {n} but this process may run on {_USABLE_CPUS} CPUs: the 4-bit CPU "
+            f"{asked} but this process may run on {_USABLE_CPUS} CPUs: the 4-bit CPU "
             f"kernels use {_USABLE_CPUS} threads (torch.set_num_threads({_USABLE_CPUS}) also keeps torch's own "
             "ops from oversubscribing the cores)"
         )
@@ -442,6 +474,80 @@ def gemm(x: torch.Tensor, layer: QLayer) -> torch.Tensor:
     return _run_kernel(x2, layer, dtype).to(x.dtype).reshape(*x.shape[:-1], layer.qweight.shape[1])
 
 
+# --- the per-call fast path ---------------------------------------------------------------------
+#
+# gemm() decides per call: input checks, dtype and device, the M-path, the self-check verdict,
+# scales converted to the compute dtype. At batch 1 that Python costs ~24 us a call, more than the
+# kernel itself on a small model's layers (SmolLM2's 576x576: 11 us): 210 layers make it ~5 ms of
+# each decode step. A GemmPlan is that decision taken once, after a checked call, for activations
+# of one device and dtype; QuantLinear keeps it and calls the op directly while it applies.
+
+
+class GemmPlan(NamedTuple):
+    """A layer's kernel call for activations of one device and compute dtype (see plan_gemm)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor  # already in `dtype`
+    perm: torch.Tensor | None
+    group_size: int
+    bias: torch.Tensor | None  # already in `dtype`
+    in_features: int
+    out_features: int
+    max_rows: int  # the plan covers M < max_rows (the fused kernel's M-paths, all self-checked)
+    cpu_isa: str | None  # the CPU body the verdicts were given for
+    epoch: int  # kernel_check.STATE.epoch when made
+
+
+def plan_gemm(x: torch.Tensor, layer: QLayer) -> GemmPlan | None:
+    """The plan for activations like x, or None where gemm(x, layer) needs its per-call decisions:
+    the reference path, a dtype the kernel computes in another one, scales or bias stored in
+    another dtype (converted per call rather than kept twice), or an M-path the self-check
+    refused. Call it after gemm(x, layer) has run once (the self-check has then judged every
+    M-path of the configuration)."""
+    if layer.group_size is None or _ext is None or torch.compiler.is_compiling():
+        return None
+    dtype, _ = _compute_dtype(x)
+    if dtype is None or dtype != x.dtype or layer.scales.dtype != dtype:
+        return None
+    if layer.bias is not None and layer.bias.dtype != dtype:
+        return None
+    cpu_isa = _cpu_isa if x.device.type == "cpu" else None
+    key = (x.device, dtype, layer.bits, layer.group_size, layer.perm is not None, layer.in_features, cpu_isa)
+    state = kernel_check.STATE
+    max_rows = _dequant_min_m(x.device)
+    paths = {_path(m, x.device) for m in kernel_check.REPRESENTATIVE_M if m < max_rows}
+    if state.enabled and any(state.verdicts.get((key, p), "unchecked") is not None for p in paths):
+        return None
+    return GemmPlan(x.device, dtype, layer.qweight, layer.qzeros, layer.scales, layer.perm, layer.group_size,
+                    layer.bias, layer.in_features, layer.qweight.shape[1], max_rows, cpu_isa, state.epoch)
+
+
+def plan_applies(plan: GemmPlan, x: torch.Tensor) -> bool:
+    """Whether run_plan(plan, x) gives what gemm(x, layer) would (cheap: attribute compares only)."""
+    state = kernel_check.STATE
+    return (
+        x.dtype == plan.dtype
+        and x.device == plan.device
+        and x.shape[-1] == plan.in_features
+        and x.numel() < plan.max_rows * plan.in_features
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and plan.cpu_isa == (_cpu_isa if plan.device.type == "cpu" else None)
+        and plan.epoch == state.epoch
+        and state.fault is None
+    )
+
+
+def run_plan(plan: GemmPlan, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T (+ bias) on the fused kernel; check plan_applies(plan, x) first."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, plan.in_features)
+    y = torch.ops.bluelm_quant.gemm_4bit(x2, plan.qweight, plan.qzeros, plan.scales, plan.perm, plan.group_size,
+                                         plan.bias)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.out_features)
+
+
 # --- int8 weights (the quantized lm_head) -------------------------------------------------------
 
 # From this many activation rows on, placement.Int8Linear dequantizes chunks of rows and calls
@@ -484,6 +590,7 @@ def gemm_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias=N
 
 
 __all__ = [
+    "GemmPlan",
     "QLayer",
     "QuantOpError",
     "backend",
@@ -496,7 +603,12 @@ __all__ = [
     "gemm_reference",
     "int8_kernel_runs",
     "pack_multiple",
+    "plan_applies",
+    "plan_gemm",
     "prepare",
+    "run_plan",
+    "kernel_threads",
     "set_cpu_isa",
+    "set_kernel_threads",
     "standard_qweight",
 ]

@@ -14,6 +14,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 #include <string>
 
@@ -108,9 +109,15 @@ Layer check_layer(const char* op, const Tensor& qweight, const Tensor& qzeros, c
   TORCH_CHECK(false, op, ": ", status_message(status), " [status ", status, "] for ", call);
 }
 
-// The kernels use torch's thread setting (torch.set_num_threads); cpu_kernels.cpp caps it
-// at the CPUs this process may run on (bluelm_quant.ops.gemm says so once).
-void use_torch_threads() { cpu::set_cpu_threads(at::get_num_threads()); }
+// The kernels use torch's thread setting (torch.set_num_threads) unless a count of their own
+// is set (bluelm_quant.ops.set_kernel_threads: the decode loop runs torch's small ops on one
+// thread, whose 2-thread OpenMP regions stall on a loaded machine, and the kernels on more).
+// cpu_kernels.cpp caps it at the CPUs this process may run on (ops.gemm says so once).
+std::atomic<int> g_kernel_threads{0};  // 0: follow torch
+void use_torch_threads() {
+  const int own = g_kernel_threads.load(std::memory_order_relaxed);
+  cpu::set_cpu_threads(own > 0 ? own : at::get_num_threads());
+}
 
 #ifdef QUANT_CUDA_WITH_CUDA
 void* current_stream(const at::Device& d) {
@@ -314,7 +321,24 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   return PyUnicode_FromString(quant_cuda::cpu::isa_name(quant_cuda::cpu::select_isa(isa)));
 }
 
+PyObject* py_set_kernel_threads(PyObject*, PyObject* arg) {
+  const long n = PyLong_AsLong(arg);
+  if (n == -1 && PyErr_Occurred()) return nullptr;
+  if (n < 0) {
+    PyErr_Format(PyExc_ValueError, "set_kernel_threads(%ld): use a positive count, or 0 to follow torch", n);
+    return nullptr;
+  }
+  g_kernel_threads.store(int(n), std::memory_order_relaxed);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_get_kernel_threads(PyObject*, PyObject*) { return PyLong_FromLong(g_kernel_threads.load()); }
+
 PyMethodDef kMethods[] = {
+    {"set_kernel_threads", py_set_kernel_threads, METH_O,
+     "set_kernel_threads(n) -> None: the CPU kernels run n threads (capped at the usable CPUs); 0: torch's count"},
+    {"get_kernel_threads", py_get_kernel_threads, METH_NOARGS,
+     "get_kernel_threads() -> the count set_kernel_threads gave (0: the kernels follow torch.get_num_threads())"},
     {"get_cpu_isa", py_get_cpu_isa, METH_NOARGS,
      "get_cpu_isa() -> the CPU body in use: 'amx', 'avx512', 'avx2' or 'scalar'"},
     {"set_cpu_isa", py_set_cpu_isa, METH_O,

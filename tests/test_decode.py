@@ -1,0 +1,196 @@
+"""The fast decode path (issue 14, item 4): QuantLinear's planned kernel call, the decode thread
+split, the static-cache and compiled loops giving the eager path's greedy tokens, the 4-bit lm_head."""
+import logging
+
+import pytest
+import torch
+
+from bluelm_quant import kernel_check, ops
+from bluelm_quant.config import QuantConfig
+from bluelm_quant.generate import Generator, decode_threads, fast_generate_config
+from bluelm_quant.loading import load_quantized
+from bluelm_quant.nn import QuantLinear, replace_linear
+from bluelm_quant.placement import quantize_head_4bit
+from bluelm_quant.saving import save_quantized
+
+from tiny_models import tiny_llama, tokens
+
+pytestmark = [pytest.mark.skipif(ops._ext is None, reason="needs the compiled quant_cuda extension"),
+              pytest.mark.usefixtures("one_thread")]
+
+
+def quant_layer(k=256, n=96, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return QuantLinear.from_linear(torch.nn.Linear(k, n, bias=bias), QuantConfig(group_size=64), dtype=torch.float32)
+
+
+@pytest.fixture
+def saved_tiny(tmp_path_factory):
+    model = tiny_llama(seed=4)
+    config = QuantConfig(bits=4, group_size=32, sym=False)
+    replace_linear(model, config, quantize=True)
+    path = str(tmp_path_factory.mktemp("decode") / "q")
+    save_quantized(model.requires_grad_(False), path, config)
+    return path
+
+
+# --- QuantLinear's planned kernel call ------------------------------------------------------------
+
+
+def test_planned_call_equals_the_checked_path():
+    q = quant_layer()
+    with torch.no_grad():
+        x1 = torch.randn(1, 1, 256)
+        first = q(x1)  # checked path; the plan is made after it
+        assert isinstance(q._plan, ops.GemmPlan)
+        for shape in ((1, 1, 256), (3, 256), (2, 5, 256)):
+            x = torch.randn(*shape)
+            assert ops.plan_applies(q._plan, x)
+            assert torch.equal(q(x), ops.gemm(x, q.quant_layer()))
+        assert torch.equal(q(x1), first)
+
+
+def test_plan_is_not_used_where_gemm_decides_otherwise():
+    q = quant_layer()
+    with torch.no_grad():
+        q(torch.randn(1, 256))
+    plan = q._plan
+    assert not ops.plan_applies(plan, torch.randn(1, 256, dtype=torch.bfloat16))  # another compute dtype
+    assert not ops.plan_applies(plan, torch.randn(1, 128))  # wrong width: gemm's error message
+    assert not ops.plan_applies(plan, torch.randn(1, 256, requires_grad=True))  # the reference path has a backward
+    assert not ops.plan_applies(plan, torch.randn(plan.max_rows, 256)) if plan.max_rows < 4096 else True
+    with pytest.raises(ops.QuantOpError, match="in_features=256"):
+        q(torch.randn(1, 128))
+
+
+def test_plan_is_dropped_when_the_tensors_change():
+    q = quant_layer()
+    with torch.no_grad():
+        q(torch.randn(1, 256))
+        assert q._plan
+        q.to(torch.float32)
+        assert q._plan is None  # .to() makes new tensors (or keeps them: planned again on the next call)
+        q(torch.randn(1, 256))
+        q.scales = q.scales * 2
+        assert q._plan is None
+        x = torch.randn(1, 256)
+        assert torch.equal(q(x), ops.gemm(x, q.quant_layer()))  # the doubled scales are used
+        assert q._plan.scales is q.scales
+
+
+def test_plan_gives_way_to_a_planted_fault_and_a_reset_check():
+    """A plan never skips what the self-check would do: a wrong kernel is still caught."""
+    q = quant_layer()
+    x = torch.randn(3, 256)
+    saved = (kernel_check.STATE.enabled, dict(kernel_check.STATE.verdicts), kernel_check.STATE.fault)
+    try:
+        with torch.no_grad():
+            want = q(x)
+            assert q._plan
+            kernel_check.STATE.reset()
+            kernel_check.STATE.fault = lambda y: y + 1.0
+            got = q(x)  # re-checked: the faulty kernel is refused, the reference path answers
+        assert torch.allclose(got, want, atol=1e-4)
+        assert any(not v["ok"] for v in kernel_check.report())
+    finally:
+        kernel_check.STATE.enabled, kernel_check.STATE.fault = saved[0], saved[2]
+        kernel_check.STATE.reset()
+        kernel_check.STATE.verdicts.update(saved[1])
+
+
+def test_plan_follows_the_cpu_body():
+    q = quant_layer()
+    with torch.no_grad():
+        q(torch.randn(1, 256))
+    try:
+        ops.set_cpu_isa("scalar")
+        assert not ops.plan_applies(q._plan, torch.randn(1, 256))  # verdicts are per body
+    finally:
+        ops.set_cpu_isa("best")
+    assert ops.plan_applies(q._plan, torch.randn(1, 256))
+
+
+# --- threads ---------------------------------------------------------------------------------------
+
+
+def test_decode_threads_splits_and_restores():
+    before = torch.get_num_threads()
+    with decode_threads(2):
+        assert torch.get_num_threads() == 1
+        assert ops.kernel_threads() == 2
+    assert torch.get_num_threads() == before and ops._kernel_threads == 0
+
+
+def test_kernel_threads_bad_counts(monkeypatch, caplog):
+    with pytest.raises(ops.QuantOpError, match=r"set_kernel_threads\(-1\): use a positive thread count"):
+        ops.set_kernel_threads(-1)
+    monkeypatch.setattr(ops, "_warned", set())
+    try:
+        with caplog.at_level(logging.WARNING, logger="bluelm_quant.ops"):
+            used = ops.set_kernel_threads(ops._USABLE_CPUS + 5)
+        assert used == ops._USABLE_CPUS
+        assert f"set_kernel_threads({ops._USABLE_CPUS + 5}) but this process may run on {ops._USABLE_CPUS} CPUs" in caplog.text
+        q = quant_layer()
+        x = torch.randn(2, 256)
+        with torch.no_grad():
+            assert torch.allclose(q(x), x @ q.dequantize().T + q.bias, atol=1e-4)  # runs, capped
+    finally:
+        ops.set_kernel_threads(None)
+
+
+# --- the loops give the eager path's greedy tokens ----------------------------------------------------
+
+
+def greedy(model, ids, n, **kwargs):
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs)
+
+
+def test_static_cache_generate_matches_the_dynamic_cache(saved_tiny):
+    model = load_quantized(saved_tiny, dtype=torch.float32)
+    ids = tokens(batch=1, seq=8)
+    ref = greedy(model, ids, 12)
+    with decode_threads():
+        assert torch.equal(greedy(model, ids, 12, **fast_generate_config(model)), ref)
+        assert torch.equal(greedy(model, ids[:, :5], 12, **fast_generate_config(model, max_cache_len=64)),
+                           greedy(model, ids[:, :5], 12))
+
+
+def test_compiled_decode_matches_eager(saved_tiny):
+    """Inductor on the CPU with our custom ops: the loop and model.generate, compiled."""
+    model = load_quantized(saved_tiny, dtype=torch.float32)
+    ids = tokens(batch=1, seq=8)
+    ref = greedy(model, ids, 10)
+    gen = Generator(model, max_len=24, compile=True)
+    assert torch.equal(gen.generate(ids, 10).tokens, ref)
+    assert torch.equal(gen.generate(ids, 10).tokens, ref)  # the compiled step again, cache reset in place
+    # A second Generator on a model with another head module compiles its own step (the first
+    # one's code, compiled without module guards, would read a weight that is not there).
+    other = load_quantized(saved_tiny, dtype=torch.float32, lm_head_bits=8)
+    assert torch.equal(Generator(other, max_len=24, compile=True).generate(ids, 10).tokens, greedy(other, ids, 10))
+    with decode_threads():
+        assert torch.equal(greedy(model, ids, 10, **fast_generate_config(model, compile=True)), ref)
+
+
+# --- the 4-bit lm_head ----------------------------------------------------------------------------------
+
+
+def test_4bit_lm_head_is_a_quant_linear_close_to_the_full_one(saved_tiny):
+    full = load_quantized(saved_tiny, dtype=torch.float32)
+    small = load_quantized(saved_tiny, dtype=torch.float32, lm_head_bits=4)
+    head = small.get_output_embeddings()
+    assert isinstance(head, QuantLinear) and head.bits == 4 and head.kernel_group_size == 32
+    w = full.get_output_embeddings().weight
+    err = (head.dequantize() - w).abs().max() / w.abs().max()
+    assert 0 < err < 0.1  # 4-bit groups of 32: ~1/30 of the range at most
+    ids = tokens(batch=1, seq=8)
+    with torch.no_grad():
+        a, b = full(ids).logits, small(ids).logits
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def test_4bit_lm_head_refuses_widths_the_groups_do_not_divide(saved_tiny):
+    with pytest.raises(ValueError, match="in_features=40 must be a multiple of the head's group size 32"):
+        quantize_head_4bit(torch.randn(16, 40), torch.float32)
+    with pytest.raises(ValueError, match=r"lm_head_bits=5: use 16 .* or 4 \(4-bit groups\)"):
+        load_quantized(saved_tiny, lm_head_bits=5)

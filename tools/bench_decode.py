@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Decode-loop variants of one 4-bit model side by side: what per-token overhead costs.
+
+All variants run in one process on one loaded model, interleaved round by round (a shared
+machine's load then hits them alike); the table gives medians, and the load average is printed.
+Every variant must produce the same greedy tokens as the first one (checked).
+
+  before            model.generate as the chat path ran it before issue 14: DynamicCache, torch's
+                    ops and the kernels on --threads, every QuantLinear call through ops.gemm's
+                    per-call checks
+  generate          model.generate, DynamicCache, generate.decode_threads (torch 1 thread, kernels
+                    --threads), QuantLinear's planned kernel call: the chat path now
+  generate-static   + a static KV cache (generate.fast_generate_config)
+  generate-compiled + the decode step torch.compile'd (first call compiles: minutes on 2 cores)
+  loop              bluelm_quant.generate.Generator (static cache, no per-step Python besides the step)
+  loop-compiled     Generator with its decode step compiled
+
+    python tools/bench_decode.py --model /tmp/decode14/smol-g128 --threads 2 --prompt 32 --new 128
+    python tools/bench_decode.py --model DIR --variants before,loop-compiled --lm-head-bits 16,8,4 --profile
+
+--lm-head-bits with several values loads the model once per value (a compiled step is bound to
+its model's modules) and runs every variant on each, all interleaved.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+VARIANTS = ("before", "generate", "generate-static", "generate-compiled", "loop", "loop-compiled")
+
+
+class _FirstToken:
+    """A generate() streamer noting when the first new token arrives (the prompt comes first)."""
+
+    def __init__(self):
+        self.calls, self.first_at = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first_at = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def _set_plans(model, enabled: bool) -> None:
+    """QuantLinear's fast path on (plans made on the next call) or off (False: never planned)."""
+    from bluelm_quant.nn import QuantLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m._plan = None if enabled else False
+
+
+def make_runner(name: str, model, args):
+    """A function prompt -> (tokens [1, prompt + new], prefill seconds, decode seconds)."""
+    import torch
+
+    from bluelm_quant import ops
+    from bluelm_quant.generate import Generator, decode_threads, fast_generate_config
+
+    if name.startswith("loop"):
+        gen = Generator(model, max_len=args.prompt + args.new, compile=name == "loop-compiled", threads=args.threads)
+
+        def run_loop(prompt):
+            _set_plans(model, True)
+            s = gen.generate(prompt, args.new)
+            return s.tokens, s.prefill_s, s.decode_s
+
+        return run_loop
+
+    kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+    if name == "generate-static":
+        kwargs.update(fast_generate_config(model))
+    elif name == "generate-compiled":
+        kwargs.update(fast_generate_config(model, compile=True))
+
+    def timed(prompt):
+        streamer = _FirstToken()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(prompt, streamer=streamer, **kwargs)
+        t1 = time.perf_counter()
+        return out, streamer.first_at - t0, t1 - streamer.first_at
+
+    def run_generate(prompt):
+        if name == "before":  # torch and the kernels on --threads, per-call checks on every layer
+            torch.set_num_threads(args.threads)
+            ops.set_kernel_threads(None)
+            _set_plans(model, False)
+            return timed(prompt)
+        _set_plans(model, True)
+        with decode_threads(args.threads):
+            return timed(prompt)
+
+    return run_generate
+
+
+def profile_step(run, prompt, rows: int) -> str:
+    """torch.profiler's table of one run (self CPU time, top `rows` ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(prompt)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="4-bit checkpoint directory")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--threads", type=int, default=2, help="threads for the run (default 2)")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
+    p.add_argument("--new", type=int, default=128, help="generated tokens (default 128)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up round (default 3)")
+    p.add_argument("--lm-head-bits", default="16", help="comma list of 16, 8, 4 (default 16)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's table for each variant")
+    args = p.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}: use {', '.join(VARIANTS)}")
+    try:
+        heads = [int(b) for b in args.lm_head_bits.split(",")]
+    except ValueError:
+        heads = [0]
+    if not heads or any(b not in (4, 8, 16) for b in heads):
+        p.error(f"--lm-head-bits {args.lm_head_bits}: use a comma list of 16, 8 and 4")
+    cpus = len(os.sched_getaffinity(0))
+    if args.threads < 1 or args.threads > cpus:
+        p.error(f"--threads {args.threads}: this process may run on {cpus} CPUs; use 1..{cpus}")
+
+    import torch
+
+    from bluelm_quant import ops
+    from bluelm_quant.loading import load_quantized
+
+    torch.set_num_threads(args.threads)
+    runners, reference = {}, {}
+    for bits in heads:
+        model = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
+        for name in names:
+            runners[name if len(heads) == 1 else f"{name} h{bits}"] = (bits, make_runner(name, model, args))
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    names = list(runners)
+    times = {name: {"prefill": [], "decode": []} for name in names}
+    print(f"CPU body {ops.cpu_isa()}, {args.threads} threads, prompt {args.prompt}, {args.new} new tokens, "
+          f"lm_head {args.lm_head_bits}-bit; warm-up round (compiles)...", file=sys.stderr, flush=True)
+    for r in range(args.rounds + 1):
+        for name, (bits, run) in runners.items():
+            start = time.perf_counter()
+            tokens, prefill_s, decode_s = run(prompt)
+            if r == 0:
+                print(f"  {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+            first = reference.setdefault(bits, (name, tokens))  # the heads differ: same tokens within a head
+            if not torch.equal(tokens.cpu(), first[1].cpu()):
+                raise SystemExit(f"{name} generated other tokens than {first[0]}: the decode loops disagree")
+            if r:
+                times[name]["prefill"].append(args.prompt / prefill_s)
+                times[name]["decode"].append((args.new - 1) / decode_s)
+    width = max(len(n) for n in names)
+    print(f"{'variant':<{width}} | {'decode tok/s':>12} | {'ms/token':>8} | {'prefill tok/s':>13} | runs (decode tok/s)")
+    for name in names:
+        d = statistics.median(times[name]["decode"])
+        runs = " ".join(f"{v:.1f}" for v in times[name]["decode"])
+        print(f"{name:<{width}} | {d:>12.1f} | {1000 / d:>8.1f} | {statistics.median(times[name]['prefill']):>13.0f} | {runs}")
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.profile:
+        for name, (_, run) in runners.items():
+            print(f"\n--- {name} ---\n{profile_step(run, prompt, 14)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
