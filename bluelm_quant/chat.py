@@ -1,6 +1,11 @@
 """Multi-turn chat on top of `model.generate`: BlueLM's prompt format, or the tokenizer's chat
 template for other models (e.g. SmolLM2).
 
+On the CPU, a quantized model generates inside generate.model_decode_threads (torch's own ops on
+one thread, the quantized kernels on `threads`); `fast=True` adds a static KV cache and the
+compiled decode step (generate.fast_generate_config; the first turn compiles: a minute or more on
+a small machine).
+
 Every turn re-encodes the whole conversation and generates with a fresh KV cache. Reusing a
 cache across turns is what breaks multi-turn chat (docs/BLUELM.md section 5: gibberish after the first
 turn): the re-encoded history never matches the cached tokens exactly, and stale positions or
@@ -21,6 +26,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .generate import fast_generate_config, model_decode_threads
 from .models.bluelm import chat_format
 from .models.bluelm.chat_format import AI, HUMAN
 from .placement import model_device
@@ -143,12 +149,22 @@ def _generation_kwargs(model, tokenizer, generation: dict) -> dict:
     return kwargs
 
 
-def _start(model, tokenizer, query, history, generation, on_notice):
+# A compiled decode step is specialised to the static cache's length: sizing the cache in steps
+# of this many positions recompiles only when a conversation outgrows one (attention reads every
+# allocated position, so a cache of the whole context would slow short chats down).
+FAST_CACHE_STEP = 1024
+
+
+def _start(model, tokenizer, query, history, generation, on_notice, fast=False):
     kwargs = _generation_kwargs(model, tokenizer, generation)
     prompt = prepare_prompt(model, tokenizer, query, history or (), kwargs["max_new_tokens"])
     if prompt.notice:
         (on_notice or log.warning)(prompt.notice)
     kwargs["max_new_tokens"] = prompt.max_new_tokens
+    if fast:
+        need = len(prompt.input_ids) + prompt.max_new_tokens
+        length = min(-(-need // FAST_CACHE_STEP) * FAST_CACHE_STEP, context_length(model))
+        kwargs.update(fast_generate_config(model, compile=True, max_cache_len=length))
     device = model_device(model)
     input_ids = torch.tensor([prompt.input_ids], device=device)
     kwargs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
@@ -166,12 +182,14 @@ def decode_reply(tokenizer, new_ids: Sequence[int], stop_ids: Sequence[int]) -> 
 
 
 def chat(model, tokenizer, query: str, history: History | None = None, *,
-         on_notice: Callable[[str], None] | None = None, **generation) -> tuple[str, list[tuple[str, str]]]:
+         on_notice: Callable[[str], None] | None = None, threads: int | None = None, fast: bool = False,
+         **generation) -> tuple[str, list[tuple[str, str]]]:
     """One turn: returns (reply, new_history). new_history is the history kept in the prompt plus
     this turn, so turns dropped for length stay dropped. `generation` overrides DEFAULT_GENERATION
-    (any `model.generate` keyword); notices about trimming go to `on_notice` (default: log)."""
-    prompt, kwargs = _start(model, tokenizer, query, history, generation, on_notice)
-    with torch.inference_mode():
+    (any `model.generate` keyword); notices about trimming go to `on_notice` (default: log).
+    threads: the CPU kernels' thread count (default torch's); fast: static cache + compiled step."""
+    prompt, kwargs = _start(model, tokenizer, query, history, generation, on_notice, fast)
+    with torch.inference_mode(), model_decode_threads(model, threads):
         out = model.generate(**kwargs)
     reply = decode_reply(tokenizer, out[0, len(prompt.input_ids):].tolist(), kwargs["eos_token_id"])
     return reply, prompt.history + [(query, reply)]
@@ -203,20 +221,20 @@ class _Cancelled(StoppingCriteria):
 
 
 def stream_chat(model, tokenizer, query: str, history: History | None = None, *,
-                on_notice: Callable[[str], None] | None = None,
+                on_notice: Callable[[str], None] | None = None, threads: int | None = None, fast: bool = False,
                 **generation) -> Iterator[tuple[str, list[tuple[str, str]]]]:
     """Like chat(), but yields (reply_so_far, new_history) as tokens arrive; the last item equals
     chat()'s result (an empty reply is yielded too). Text is held back while it ends in an
     incomplete UTF-8 sequence (byte-fallback pieces), so each yielded reply extends the previous
     one; only the final item may differ if decoding a longer sequence rewrote earlier text."""
-    prompt, kwargs = _start(model, tokenizer, query, history, generation, on_notice)
+    prompt, kwargs = _start(model, tokenizer, query, history, generation, on_notice, fast)
     stop_ids = kwargs["eos_token_id"]
     ids_queue, cancel, failure = _IdQueue(), threading.Event(), []
     criteria = StoppingCriteriaList(list(kwargs.pop("stopping_criteria", None) or []) + [_Cancelled(cancel)])
 
     def run() -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), model_decode_threads(model, threads):
                 model.generate(**kwargs, streamer=ids_queue, stopping_criteria=criteria)
         except BaseException as exc:  # re-raised in the consumer below
             failure.append(exc)

@@ -17,6 +17,7 @@ static KV cache, the step compiled if asked.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import types
 from contextlib import contextmanager
@@ -82,6 +83,18 @@ def decode_threads(threads: int | None = None):
             ops.set_kernel_threads(before_kernels)
 
 
+def model_decode_threads(model, threads: int | None = None):
+    """decode_threads(threads) for a model on the CPU whose Linears run on the quantized kernels;
+    nothing otherwise (a full-precision model's matmuls are torch's own: they keep every thread)."""
+    from .nn import QuantLinear
+    from .placement import Int8Linear
+
+    quantized = any(isinstance(m, (QuantLinear, Int8Linear)) for m in model.modules())
+    if model_device(model).type == "cpu" and quantized:
+        return decode_threads(threads)
+    return contextlib.nullcontext()
+
+
 def _compile_mode(device: torch.device) -> str:
     return "reduce-overhead" if device.type == "cuda" else "default"  # CUDA graphs / plain inductor
 
@@ -110,8 +123,8 @@ class Generator:
     compile: wrap the decode step in torch.compile (mode "reduce-overhead" = CUDA graphs
     on CUDA; plain inductor on the CPU). The prefill always runs eagerly: its shape changes
     with the prompt and compiling it would recompile per prompt length.
-    threads (CPU): the kernels' thread count inside `decode_threads` (default: torch's count
-    when generate() is called); None on CUDA.
+    threads (CPU): the kernels' thread count inside `model_decode_threads` (default: torch's
+    count when generate() is called).
     """
 
     def __init__(self, model, max_len: int, compile: bool = False, compile_mode: str | None = None,
@@ -136,9 +149,7 @@ class Generator:
 
     def generate(self, input_ids: torch.Tensor, new_tokens: int) -> GenerationStats:
         """Greedy: the prompt [batch, prompt_len] (any device) and `new_tokens` more, with timings."""
-        if self.device.type != "cpu":
-            return self._generate(input_ids, new_tokens)
-        with decode_threads(self.threads):
+        with model_decode_threads(self.model, self.threads):
             return self._generate(input_ids, new_tokens)
 
     @torch.inference_mode()
@@ -196,4 +207,4 @@ def fast_generate_config(model, compile: bool = False, max_cache_len: int | None
     return kwargs
 
 
-__all__ = ["GenerationStats", "Generator", "decode_threads", "fast_generate_config"]
+__all__ = ["GenerationStats", "Generator", "decode_threads", "fast_generate_config", "model_decode_threads"]

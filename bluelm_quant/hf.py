@@ -61,19 +61,23 @@ def tokenizer_vocab_mismatch(rows: int, tokenizer) -> str | None:
     return None
 
 
-def load_model_and_tokenizer(path: str, device="cpu", dtype: torch.dtype | None = None):
+def load_model_and_tokenizer(path: str, device="cpu", dtype: torch.dtype | None = None, lm_head_bits: int = 16):
     """(model, tokenizer) from a local directory, full precision or 4-bit, in eval mode.
 
     The tokenizer is loaded first so a missing tokenizer.model fails before gigabytes of weights
-    are read. dtype: compute dtype (default: the config's torch_dtype).
+    are read. dtype: compute dtype (default: the config's torch_dtype). lm_head_bits: 8 or 4
+    quantize a 4-bit checkpoint's lm_head at load time (load_quantized).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     register_auto_classes()
     model_dir = ModelDir(path)
+    if lm_head_bits != 16 and not model_dir.is_quantized:
+        raise ValueError(f"lm_head_bits={lm_head_bits}: {path} is a full-precision model; a quantized lm_head "
+                         "comes with a 4-bit checkpoint only (quantize it first, or leave lm_head_bits at 16)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if model_dir.is_quantized:
-        model = load_quantized(model_dir, device=device, dtype=dtype)
+        model = load_quantized(model_dir, device=device, dtype=dtype, lm_head_bits=lm_head_bits)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, config=model_dir.hf_config(), dtype=dtype or "auto")
         model = model.to(device).eval()

@@ -194,3 +194,42 @@ def test_4bit_lm_head_refuses_widths_the_groups_do_not_divide(saved_tiny):
         quantize_head_4bit(torch.randn(16, 40), torch.float32)
     with pytest.raises(ValueError, match=r"lm_head_bits=5: use 16 .* or 4 \(4-bit groups\)"):
         load_quantized(saved_tiny, lm_head_bits=5)
+
+
+# --- the chat path ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bluelm_dir(tmp_path_factory):
+    from bluelm_fixtures import make_tiny_bluelm_dir
+
+    return make_tiny_bluelm_dir(str(tmp_path_factory.mktemp("bluelm")))
+
+
+def test_chat_on_a_4bit_model_fast_and_threaded_gives_the_same_reply(bluelm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bluelm_quant.chat import chat, stream_chat
+
+    model = AutoModelForCausalLM.from_pretrained(bluelm_dir).eval()
+    replace_linear(model, QuantConfig(bits=4, group_size=32), quantize=True)
+    tok = AutoTokenizer.from_pretrained(bluelm_dir)
+    want, history = chat(model, tok, "Tell me about the river.", max_new_tokens=8)
+    assert want
+    before = torch.get_num_threads()
+    assert chat(model, tok, "Tell me about the river.", max_new_tokens=8, threads=2)[0] == want
+    assert chat(model, tok, "Tell me about the river.", max_new_tokens=8, fast=True)[0] == want
+    assert list(stream_chat(model, tok, "Tell me about the river.", max_new_tokens=8, fast=True))[-1][0] == want
+    assert torch.get_num_threads() == before and ops._kernel_threads == 0  # restored after each turn
+
+
+def test_chat_tool_bad_thread_and_head_options(bluelm_dir, capsys):
+    from bluelm_quant.cli import chat as chat_cli
+
+    for argv, message in ((["--threads", "0"], "--threads 0: use a positive thread count"),
+                          (["--lm-head-bits", "8"], "--lm-head-bits 8: " + bluelm_dir + " is not a 4-bit checkpoint")):
+        with pytest.raises(SystemExit) as exc:
+            chat_cli.main(["--model", bluelm_dir] + argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert chat_cli.check_threads(ops._USABLE_CPUS + 7) == ops._USABLE_CPUS
+    assert f"--threads {ops._USABLE_CPUS + 7} but this process may run on {ops._USABLE_CPUS} CPUs" in capsys.readouterr().err
