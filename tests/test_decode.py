@@ -233,3 +233,39 @@ def test_chat_tool_bad_thread_and_head_options(bluelm_dir, capsys):
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert chat_cli.check_threads(ops._USABLE_CPUS + 7) == ops._USABLE_CPUS
     assert f"--threads {ops._USABLE_CPUS + 7} but this process may run on {ops._USABLE_CPUS} CPUs" in capsys.readouterr().err
+
+
+# --- tools/bench_cpu_vs_llamacpp.py without llama-cpp-python -----------------------------------------------
+
+
+def test_bench_against_llamacpp_runs_ours_and_says_llamacpp_is_missing(tmp_path, capsys):
+    import importlib.util
+    import os
+
+    from tiny_models import byte_tokenizer
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_vs", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "bench_cpu_vs_llamacpp.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if bench.llama_cpp_available():
+        pytest.skip("llama-cpp-python is installed here: the message under test is not printed")
+    model = tiny_llama(seed=5, vocab_size=258)
+    config = QuantConfig(bits=4, group_size=32)
+    replace_linear(model, config, quantize=True)
+    path = str(tmp_path / "q")
+    save_quantized(model.requires_grad_(False), path, config)
+    byte_tokenizer().save_pretrained(path)
+    args = ["--quant", path, "--engines", "ours-eager,llama.cpp", "--rounds", "2", "--prompt", "6", "--new", "4",
+            "--lm-head-bits", "8", "--threads", str(ops._USABLE_CPUS + 1)]
+    assert bench.main(args) == 0
+    out, err = capsys.readouterr()
+    assert bench.LLAMA_CPP_MISSING in err
+    assert f"--threads {ops._USABLE_CPUS + 1} but this process may run on {ops._USABLE_CPUS} CPUs" in err
+    rows = out.splitlines()
+    assert rows[1].startswith("ours 4-bit, lm_head 8-bit, eager") and "NOT measured in this run" in rows[2]
+    decode = float(rows[1].split("|")[1])
+    assert decode > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--quant", str(tmp_path / "missing")])
+    assert "give our 4-bit checkpoint directory" in capsys.readouterr().err
