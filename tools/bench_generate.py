@@ -8,6 +8,12 @@ token), peak memory (CUDA: max_memory_allocated; CPU: peak RSS of the process). 
 model runs in its own process so peak RSS belongs to it alone. Medians over --repeat
 timed runs after one warm-up run. A table on stdout, everything in --json.
 
+On the CPU the 4-bit model's rows also give its bandwidth floor: decode time per token over
+the time torch.ops.bluelm_quant.read_probe takes to read the tensors a decode step reads (the
+quantized linears' qweight + qzeros + scales and the lm_head as loaded) on the kernels' threads,
+read right before and after each timed run (so load hits both alike); medians. "linears only"
+scales the floor to the 4-bit linears' bytes, the issue's definition.
+
 CPU (defaults: SmolLM2-135M, batch 1 and 4, fp32):
     python tools/bench_generate.py --quant /tmp/smol_q16 --fp /tmp/blq_cache/smollm2-135m-instruct
 GPU (fp16; --fp dequant builds the fp16 counterpart from the 4-bit weights in memory):
@@ -66,6 +72,38 @@ def dequantize_in_place(model) -> None:
             del m
 
 
+def decode_tensors(model) -> dict:
+    """The tensors a batch-1 decode step reads in full: {'linears': the quantized Linears'
+    qweight/qzeros/scales, 'head': the lm_head's as loaded (int8, 4-bit or full precision)}."""
+    from bluelm_quant.nn import QuantLinear
+
+    head = model.get_output_embeddings()
+    linears = [t for m in model.modules() if isinstance(m, QuantLinear) and m is not head
+               for t in (m.qweight, m.qzeros, m.scales)]
+    return {"linears": linears, "head": list(head.parameters()) + list(head.buffers())}
+
+
+def read_seconds(tensors, threads: int) -> float:
+    """Seconds for torch.ops.bluelm_quant.read_probe to read every tensor once on `threads` kernel
+    threads: the step's weight reads and nothing else (one op call per tensor, ~10 us each, so
+    the floor is a few percent slow at most: the ratio errs in the kernels' favour)."""
+    import time
+
+    import torch
+
+    from bluelm_quant import ops
+
+    before = ops._kernel_threads
+    ops.set_kernel_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        for t in tensors:
+            torch.ops.bluelm_quant.read_probe(t)
+        return time.perf_counter() - t0
+    finally:
+        ops.set_kernel_threads(before)
+
+
 def child(args) -> dict:
     import torch
 
@@ -74,6 +112,10 @@ def child(args) -> dict:
 
     cuda = args.device.startswith("cuda")
     model = load(args.kind, args)
+    # The 4-bit model on the CPU: its bandwidth floor, read right before and after each timed run.
+    floor = args.kind == "quant" and not cuda
+    tensors = decode_tensors(model) if floor else {}
+    weights = tensors.get("linears", []) + tensors.get("head", [])
     results = []
     for batch in [int(b) for b in args.batch.split(",")]:
         gen = Generator(model, max_len=args.prompt + args.new, compile=args.compile)
@@ -81,7 +123,11 @@ def child(args) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         gen.generate(prompt, args.new)  # warm-up (and compilation)
-        runs = [gen.generate(prompt, args.new) for _ in range(args.repeat)]
+        runs, reads = [], []
+        for _ in range(args.repeat):
+            before = read_seconds(weights, args.threads) if floor else 0.0
+            runs.append(gen.generate(prompt, args.new))
+            reads.append((before + read_seconds(weights, args.threads)) / 2 if floor else 0.0)
         row = {
             "model": args.kind, "batch": batch, "prompt": args.prompt, "new": args.new,
             "prefill_tok_s": statistics.median(r.prefill_tokens_per_s for r in runs),
@@ -89,6 +135,14 @@ def child(args) -> dict:
             "ttft_s": statistics.median(r.prefill_s for r in runs),
             "tokens_head": runs[-1].tokens[0, args.prompt:args.prompt + 8].tolist(),
         }
+        if floor:
+            nbytes = {k: sum(t.numel() * t.element_size() for t in v) for k, v in tensors.items()}
+            row.update(linear_bytes=nbytes["linears"], head_bytes=nbytes["head"],
+                       read_gbs=statistics.median((nbytes["linears"] + nbytes["head"]) / s / 1e9 for s in reads),
+                       # decode time per token / time to read its weights, per run (same moments)
+                       floor_ratio=statistics.median(r.decode_s / (r.new_tokens - 1) / s for r, s in zip(runs, reads)))
+            share = nbytes["linears"] / (nbytes["linears"] + nbytes["head"])
+            row["floor_ratio_linears"] = row["floor_ratio"] / share  # against the 4-bit linears' bytes alone
         row["peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         results.append(row)
         del gen
@@ -114,6 +168,14 @@ def table(rows: list[dict], device: str) -> str:
     for r in rows:
         lines.append(f"{r['model']} | {r['batch']} | {r['prompt']} | {r['new']} | {r['prefill_tok_s']:.1f} | "
                      f"{r['decode_tok_s']:.2f} | {r['ttft_s'] * 1000:.0f} | {r['peak_bytes'] / GIB:.2f}")
+    floors = [r for r in rows if "floor_ratio" in r]
+    if floors:
+        lines.append("")
+        lines.append("bandwidth floor (4-bit model) | batch | linears GB | lm_head GB | read GB/s | decode time / read time "
+                     "(linears + head) | (4-bit linears only)")
+        for r in floors:
+            lines.append(f"quant | {r['batch']} | {r['linear_bytes'] / 1e9:.3f} | {r['head_bytes'] / 1e9:.3f} | "
+                         f"{r['read_gbs']:.1f} | {r['floor_ratio']:.2f}x | {r['floor_ratio_linears']:.2f}x")
     return "\n".join(lines)
 
 
@@ -131,10 +193,16 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)")
     p.add_argument("--embed-on-cpu", action="store_true")
-    p.add_argument("--lm-head-bits", type=int, default=16)
+    p.add_argument("--lm-head-bits", type=int, default=16, choices=(16, 8, 4))
     p.add_argument("--json", help="write results here")
     p.add_argument("--child", choices=["quant", "fp"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    cpus = len(os.sched_getaffinity(0))
+    if args.threads < 1:
+        p.error(f"--threads {args.threads}: use a positive thread count")
+    if args.threads > cpus and not args.child:
+        print(f"note: --threads {args.threads} but this process may run on {cpus} CPUs: using {cpus}", file=sys.stderr)
+        args.threads = cpus
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("float16" if cuda else "float32")
     args.batch = args.batch or ("1,4,16" if cuda else "1,4")
