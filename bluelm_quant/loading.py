@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import cpu_attention
 from .auto import register_auto_classes
 from .modeldir import ModelDir
 from .placement import (CPUEmbedding, DeviceMemoryError, Int8Linear, check_dtype, head_bytes, quantize_head_4bit,
@@ -192,7 +193,8 @@ def load_quantized(
     both run on the quantized kernels, faster than the full-precision head at batch 1
     (perplexity cost measured in docs/ and placement.py).
 
-    Device memory peaks near the final size.
+    Device memory peaks near the final size. On the CPU the model attends through
+    cpu_attention.ATTENTION (SDPA's path except for single-position decode steps).
     """
     model_dir = path if isinstance(path, ModelDir) else ModelDir(path)
     path = model_dir.path
@@ -229,6 +231,8 @@ def load_quantized(
     if still_meta:
         raise CheckpointError(f"tensors left unloaded after reading {path}: {still_meta[:5]}")
     model.quant_config = config
+    if device.type == "cpu":
+        cpu_attention.use(model)  # decode steps without torch's flash-attention kernel (cpu_attention.py)
     return model.eval()
 
 

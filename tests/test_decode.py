@@ -269,3 +269,35 @@ def test_bench_against_llamacpp_runs_ours_and_says_llamacpp_is_missing(tmp_path,
     with pytest.raises(SystemExit):
         bench.main(["--quant", str(tmp_path / "missing")])
     assert "give our 4-bit checkpoint directory" in capsys.readouterr().err
+
+
+# --- attention for single-position decode steps on the CPU ------------------------------------------------
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cpu_attention_matches_sdpa(cache):
+    """GQA (4 query heads on 2 key/value heads), a left-padded batch, both cache kinds."""
+    from bluelm_quant import cpu_attention
+
+    model = tiny_llama(seed=6)
+    ids = tokens(batch=2, seq=9)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)
+    if cache == "static":
+        kwargs.update(fast_generate_config(model))
+    with torch.no_grad():
+        ref = model.generate(ids, **kwargs)
+        assert cpu_attention.use(model) and model.config._attn_implementation == cpu_attention.ATTENTION
+        got = model.generate(ids, **kwargs)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.scores, ref.scores):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not cpu_attention.use(model)  # already switched: left alone
+
+
+def test_loaded_4bit_model_on_cpu_uses_cpu_attention(saved_tiny):
+    from bluelm_quant import cpu_attention
+
+    assert load_quantized(saved_tiny, dtype=torch.float32).config._attn_implementation == cpu_attention.ATTENTION

@@ -5,9 +5,9 @@ All variants run in one process on one loaded model, interleaved round by round 
 machine's load then hits them alike); the table gives medians, and the load average is printed.
 Every variant must produce the same greedy tokens as the first one (checked).
 
-  before            model.generate as the chat path ran it before issue 14: DynamicCache, torch's
-                    ops and the kernels on --threads, every QuantLinear call through ops.gemm's
-                    per-call checks
+  before            model.generate as the chat path ran it before issue 14: DynamicCache, SDPA,
+                    torch's ops and the kernels on --threads, every QuantLinear call through
+                    ops.gemm's per-call checks (a model of its own)
   generate          model.generate, DynamicCache, generate.decode_threads (torch 1 thread, kernels
                     --threads), QuantLinear's planned kernel call: the chat path now
   generate-static   + a static KV cache (generate.fast_generate_config)
@@ -18,8 +18,8 @@ Every variant must produce the same greedy tokens as the first one (checked).
     python tools/bench_decode.py --model /tmp/decode14/smol-g128 --threads 2 --prompt 32 --new 128
     python tools/bench_decode.py --model DIR --variants before,loop-compiled --lm-head-bits 16,8,4 --profile
 
---lm-head-bits with several values loads the model once per value (a compiled step is bound to
-its model's modules) and runs every variant on each, all interleaved.
+--lm-head-bits and --attention with several values load the model once per combination (a
+compiled step is bound to its model's modules) and run every variant on each, all interleaved.
 """
 from __future__ import annotations
 
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=128, help="generated tokens (default 128)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up round (default 3)")
     p.add_argument("--lm-head-bits", default="16", help="comma list of 16, 8, 4 (default 16)")
+    p.add_argument("--attention", default="loaded",
+                   help="comma list: 'loaded' (as load_quantized sets it), 'sdpa', 'bluelm_cpu' (cpu_attention.py)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table for each variant")
     args = p.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -141,11 +143,28 @@ def main(argv=None) -> int:
     from bluelm_quant.loading import load_quantized
 
     torch.set_num_threads(args.threads)
+    attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
+    if not attentions or any(a not in ("loaded", "sdpa", "bluelm_cpu") for a in attentions):
+        p.error(f"--attention {args.attention}: use a comma list of loaded, sdpa, bluelm_cpu")
+    from bluelm_quant import cpu_attention  # noqa: F401  (registers bluelm_cpu)
+
     runners, reference = {}, {}
     for bits in heads:
-        model = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
-        for name in names:
-            runners[name if len(heads) == 1 else f"{name} h{bits}"] = (bits, make_runner(name, model, args))
+        for attn in attentions:
+            model = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
+            if attn != "loaded":
+                model.set_attn_implementation(attn)
+            for name in names:
+                label = name + (f" h{bits}" if len(heads) > 1 else "") + (f" {attn}" if len(attentions) > 1 else "")
+                if name == "before":  # SDPA, as models were loaded before issue 14; its own model
+                    label = "before" + (f" h{bits}" if len(heads) > 1 else "")
+                    if label in runners:
+                        continue
+                    model_before = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
+                    model_before.set_attn_implementation("sdpa")
+                    runners[label] = (bits, make_runner(name, model_before, args))
+                else:
+                    runners[label] = (bits, make_runner(name, model, args))
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     names = list(runners)
     times = {name: {"prefill": [], "decode": []} for name in names}

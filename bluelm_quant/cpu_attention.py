@@ -1,0 +1,58 @@
+"""Attention for decoding on the CPU: one query position without torch's flash kernel.
+
+torch's CPU flash-attention kernel (what SDPA picks on the CPU) has a fixed cost that dwarfs the
+work of a single query position: SmolLM2's 9 heads over a 160-position cache took 75-140 us a
+call (30 layers: 2-4 ms of an 18 ms compiled decode step, loaded 2-core machine), where the
+arithmetic is a few microseconds. With one query position the plain formulation is two small
+matrix products and a softmax, which torch.compile fuses; grouped-query heads are folded into
+the matrix products instead of copying the keys and values per head (repeat_kv).
+
+Registered with transformers as ATTENTION ("bluelm_cpu"): one query position takes the path
+below, anything else (prefill, dropout, soft-capping, position bias) transformers' SDPA path,
+with SDPA's masks for both. `use(model)` switches a loaded model to it.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "bluelm_cpu"
+
+
+def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, dropout: float = 0.0,
+              scaling: float | None = None, **kwargs):
+    """transformers' attention signature: query [b, heads, q, d], key/value [b, kv_heads, kv, d];
+    returns ([b, q, heads, d], None)."""
+    if query.shape[2] != 1 or dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    b, heads, _, d = query.shape
+    kv_heads = key.shape[1]
+    scale = scaling if scaling is not None else d**-0.5
+    q = query.reshape(b, kv_heads, heads // kv_heads, d)  # the query heads that share a key/value head, as rows
+    scores = torch.matmul(q, key.transpose(2, 3)) * scale  # [b, kv_heads, group, kv]
+    if attention_mask is not None:  # SDPA's mask: bool (True = attend) or additive, [b or 1, 1, 1, kv]
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs, value)  # [b, kv_heads, group, d]
+    return out.reshape(b, 1, heads, d), None
+
+
+AttentionInterface.register(ATTENTION, attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def use(model) -> bool:
+    """Switch `model` to ATTENTION if it runs transformers' attention interface with SDPA now;
+    returns whether it did (other implementations, e.g. a model's own code, are left alone)."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not getattr(model, "_supports_attention_backend", False):
+        return False
+    model.set_attn_implementation(ATTENTION)
+    return True
+
+
+__all__ = ["ATTENTION", "attention", "use"]
