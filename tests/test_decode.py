@@ -301,3 +301,25 @@ def test_loaded_4bit_model_on_cpu_uses_cpu_attention(saved_tiny):
     from bluelm_quant import cpu_attention
 
     assert load_quantized(saved_tiny, dtype=torch.float32).config._attn_implementation == cpu_attention.ATTENTION
+
+
+# --- bad input in the benchmarks: a CPU body this CPU lacks ------------------------------------------------
+
+
+def test_bench_kernels_times_the_body_that_runs(capsys):
+    import importlib.util
+    import os
+    import sys
+
+    tools = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools")
+    sys.path.insert(0, tools)  # bench_kernels imports bench_kernels_cpu next to it
+    try:
+        spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(tools, "bench_kernels.py"))
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(tools)
+    assert bench.runnable_bodies(["amx", "avx512", "scalar"], "avx2") == ["avx2", "scalar"]
+    err = capsys.readouterr().err
+    assert "--isa amx: this CPU runs at most the avx2 body; timing avx2 instead" in err
+    assert bench.runnable_bodies(["amx", "avx2"], "amx") == ["amx", "avx2"]
