@@ -67,15 +67,19 @@ def load_model_and_tokenizer(path: str, device="cpu", dtype: torch.dtype | None 
     The tokenizer is loaded first so a missing tokenizer.model fails before gigabytes of weights
     are read. dtype: compute dtype (default: the config's torch_dtype).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     register_auto_classes()
     model_dir = ModelDir(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = model_dir.load_tokenizer()
     if model_dir.is_quantized:
         model = load_quantized(model_dir, device=device, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, config=model_dir.hf_config(), dtype=dtype or "auto")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, config=model_dir.hf_config(), dtype=dtype or "auto")
+        except OSError as e:  # transformers' way of saying the weight files are missing or unreadable
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot load the weights of {path}: {first}") from e
         model = model.to(device).eval()
     problem = tokenizer_vocab_mismatch(model.get_input_embeddings().num_embeddings, tokenizer)
     if problem:

@@ -233,6 +233,9 @@ def _check_free_memory(plan: LoadPlan, expected: set[str]) -> int:
 
 def _stream(plan: LoadPlan, expected: set[str]) -> set[str]:
     reader: ShardReader = plan.model_dir.reader
+    # Every tensor, quantized or not, must have the skeleton's shape: a model.norm.weight of
+    # shape [1] would broadcast silently and give garbage logits.
+    shapes = {k: tuple(t.shape) for k, t in plan.model.state_dict(keep_vars=True).items()}
     loaded, unexpected = set(), []
     for file, keys in reader.keys_by_file().items():
         for key in keys:
@@ -241,6 +244,12 @@ def _stream(plan: LoadPlan, expected: set[str]) -> set[str]:
             if key not in expected:
                 unexpected.append(key)
                 continue
+            stored = tuple(reader.shape(key))
+            if key in shapes and stored != shapes[key]:
+                raise CheckpointError(
+                    f"tensor {key} in {reader.directory}/{file} has shape {list(stored)}, but the model its "
+                    f"config.json describes expects {list(shapes[key])}; the checkpoint does not fit its config"
+                )
             plan.place(key, plan.convert(key, reader.get(key, plan.is_transient(key))))
             loaded.add(key)
         reader.release(file)
