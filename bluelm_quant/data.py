@@ -125,13 +125,12 @@ def load_documents(source: Union[Source, str, os.PathLike], tokenizer=None) -> l
     """The documents of one source as strings (`tokenizer` only for chat='template')."""
     src = source if isinstance(source, Source) else Source(source)
     path = Path(src.path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration source {path} does not exist")
+    _check_readable(path)
     ext = path.suffix.lower()
     if ext == ".txt":
         if src.fields or src.template or src.chat:
             raise CalibrationDataError(f"{path}: fields/template/chat apply to .json/.jsonl only")
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         if not text.strip():
             raise CalibrationDataError(f"{path} is empty")
         return [text]
@@ -149,9 +148,32 @@ def load_documents(source: Union[Source, str, os.PathLike], tokenizer=None) -> l
     return docs
 
 
+def _check_readable(path: Path) -> None:
+    if path.is_dir():
+        raise CalibrationDataError(
+            f"calibration source {path} is a directory; give the files in it (for example {path}/*.txt)"
+        )
+    if not path.exists():
+        raise CalibrationDataError(f"calibration source {path} does not exist")
+    if not path.is_file():
+        raise CalibrationDataError(f"calibration source {path} is not a regular file")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationDataError(
+            f"calibration source {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "give .txt / .jsonl / .json files saved as UTF-8"
+        ) from None
+    except OSError as e:
+        raise CalibrationDataError(f"cannot read calibration source {path}: {e.strerror or e}") from None
+
+
 def _read_records(path: Path) -> Iterable[tuple[str, dict]]:
     """Yields (location, record); location is "file:line" for error messages."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -295,7 +317,7 @@ def calibration_windows(tokenizer, sources: Sequence | None = None, nsamples: in
     same tensor.
     """
     if nsamples < 1 or seqlen < 1:
-        raise ValueError(f"nsamples={nsamples} and seqlen={seqlen} must be positive")
+        raise CalibrationDataError(f"nsamples={nsamples} and seqlen={seqlen} must be positive")
     sources = default_sources() if sources is None else list(sources)
     if not sources:
         raise CalibrationDataError("sources is empty; pass None for the bundled texts")
