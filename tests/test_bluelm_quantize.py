@@ -56,7 +56,7 @@ def test_spec_matches_the_bluelm_modules():
     # Everything with weights outside the layers is either run before them or after them.
     outside = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if not n.startswith(BLUELM.layers + ".")}
     assert outside == {"model.embed_tokens", "model.embed_layer_norm", "model.norm", "lm_head"}
-    assert outside - set(BLUELM.before) == {"model.norm", "lm_head"}
+    assert outside - set(BLUELM.before) == set(BLUELM.after) == {"model.norm", "lm_head"}
 
 
 def test_cli_writes_a_bluelm_gptq_checkpoint(dirs):
