@@ -54,7 +54,8 @@ def quantize_args(fp_dir, out, *extra):
 def one_error_line(capsys, rc, *patterns):
     """The tool failed with status 2 and exactly one stderr line, 'error: ...' matching the patterns."""
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    # progress bars (transformers' "Loading weights") are not messages
+    lines = [line for line in err.splitlines() if line.strip() and not re.search(r"(it/s|s/it)\]", line)]
     assert rc == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
@@ -205,6 +206,10 @@ def test_eval_text_errors(fp_dir, tmp_path, capsys):
     binary.write_bytes(b"\xff\xfe\x00abc")
     rc = eval_cli.main(["--model", fp_dir, "--text", str(binary), "--seqlen", "16"])
     one_error_line(capsys, rc, r"t\.txt is not UTF-8 text \(byte 0xff at offset 0\)")
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words")
+    rc = eval_cli.main(["--model", fp_dir, "--text", str(short), "--seqlen", "64"])
+    one_error_line(capsys, rc, r"the text gives 16 tokens, fewer than one window of seqlen=64")
     usage_error(capsys, eval_cli.main, ["--model", fp_dir, "--text", str(tmp_path)], r"is a directory")
     usage_error(capsys, eval_cli.main, ["--model", fp_dir, "--text", str(tmp_path / "none.txt")], r"no such file")
     usage_error(capsys, eval_cli.main, ["--model", fp_dir, "--seqlen", "1"], r"at least 2 tokens")

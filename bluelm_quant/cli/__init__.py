@@ -26,6 +26,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from ..chat import ChatError
     from ..config import QuantConfigError
     from ..data import CalibrationDataError
+    from ..evaluate import EvaluationError
     from ..gptq import GPTQError
     from ..layer_job import NonFiniteActivationError
     from ..lock import OutputLockError
@@ -40,7 +41,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     # directory) is still the environment, not a bug.
     return (QuantConfigError, CheckpointError, ResumeError, OutputError, OutputLockError, CalibrationDataError,
             UnsupportedModelError, NonFiniteActivationError, GPTQError, SmolLM2Error, DeviceError, DeviceMemoryError,
-            ChatError, BlueLMConfigError, BlueLMTokenizerError, OSError)
+            ChatError, BlueLMConfigError, BlueLMTokenizerError, EvaluationError, OSError)
 
 
 def error_line(e: BaseException) -> str:
