@@ -21,10 +21,11 @@ from torch import nn
 
 from .auto import register_auto_classes
 from .modeldir import ModelDir
-from .placement import CPUEmbedding, DeviceMemoryError, Int8Linear, check_dtype, resolve_device
+from .placement import CPUEmbedding, DeviceMemoryError, Int8Linear, check_dtype, resolve_device, tensor_bytes
 from .saving import tied_keys
 from .shards import CheckpointError, ShardReader
-from .skeleton import QUANT_SUFFIXES, assign_tensor, build_skeleton, finish_quant_linear, swap_quant_linears
+from .skeleton import (QUANT_SUFFIXES, assign_tensor, build_skeleton, finish_quant_linear, read_copy,
+                       swap_quant_linears)
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,33 @@ def load_quantized(
     return model.eval()
 
 
+def estimate_host_bytes(path, dtype: torch.dtype) -> int:
+    """About how many bytes `load_quantized(path, "cpu", dtype)` holds once it has run: every
+    tensor at `dtype`, plus the kernel's repacks (post_init), measured on one quantized layer and
+    scaled to all of them. Reads headers and one layer's tensors: for deciding whether a load
+    fits before doing it."""
+    model_dir = path if isinstance(path, ModelDir) else ModelDir(path)
+    register_auto_classes()
+    model = build_skeleton(model_dir, dtype)
+    quantized = swap_quant_linears(model, model_dir, dtype)
+    plan = LoadPlan(model, model_dir, quantized, Placement(torch.device("cpu"), dtype))
+    reader = model_dir.reader
+    expected = set(model.state_dict())
+    total = plan.device_bytes(k for k in reader.keys() if k in expected)
+    if quantized:
+        name = quantized[0]
+        stored = plan.device_bytes(plan.pending[name])
+        for key in plan.pending[name]:
+            assign_tensor(model, key, plan.convert(key, read_copy(reader, key)))
+        layer = model.get_submodule(name)
+        finish_quant_linear(layer, f"{name}.g_idx" in reader, model_dir.layout)
+        repack = tensor_bytes(layer, "cpu") - stored
+        all_stored = plan.device_bytes(k for n in quantized for k in plan.pending[n])
+        total += round(all_stored * repack / stored) if stored else 0
+    model_dir.close()
+    return total
+
+
 def _check_free_memory(plan: LoadPlan, expected: set[str]) -> int:
     """Bytes the model needs on a CUDA device (0 elsewhere); a sized error if they are not free."""
     if plan.device.type != "cuda":
@@ -269,4 +297,4 @@ def _check_complete(plan: LoadPlan, expected: set[str], loaded: set[str]) -> Non
         raise CheckpointError(f"quantized layers left incomplete after reading {path}: {unfinished[:5]}")
 
 
-__all__ = ["LoadPlan", "Placement", "load_quantized", "oom_message"]
+__all__ = ["LoadPlan", "Placement", "estimate_host_bytes", "load_quantized", "oom_message"]

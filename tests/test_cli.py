@@ -273,3 +273,17 @@ def test_quantize_evaluation_matches_the_in_memory_perplexity(fp_dir, tmp_path):
     for lang, printed in rows.items():
         want = [perplexity(m, tokenizer, heldout_text(lang), seqlen=64, max_windows=2, progress=False) for m in (fp, q)]
         assert [float(x) for x in printed.split()] == pytest.approx(want, abs=1.5e-3), lang
+
+
+def test_the_demo_answer_is_skipped_when_it_would_exceed_the_runs_peak(fp_dir, tmp_path, capsys, monkeypatch):
+    """Loading the whole 4-bit model must not take the command past what the quantization needed."""
+    monkeypatch.setattr(quantize_cli, "_rss_bytes", lambda: (10**9, 10**9))  # as if the run had needed nothing
+    argv = quantize_args(fp_dir, tmp_path / "q")
+    argv[argv.index("--eval-windows") + 1] = "1"
+    argv[argv.index("--seqlen") + 1] = "64"
+    assert quantize_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Perplexity on bundled held-out text" in out
+    assert "4-bit demo answer skipped" in out and f"bluelm-chat --model {tmp_path / 'q'}" in out
+    assert "4-bit model, greedy" not in out
+

@@ -71,3 +71,14 @@ def test_layers_are_dropped_after_use(dirs, monkeypatch):
     _, tokenizer = load_model_and_tokenizer(dirs[1], dtype=torch.float32)
     layerwise_perplexity(dirs[1], tokenizer, {"en": TEXTS["en"]}, seqlen=SEQLEN, max_windows=2, progress=False)
     assert peaks and max(peaks) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_estimated_host_bytes_match_the_loaded_model(dirs, dtype):
+    """What bluelm-quantize uses to decide whether the 4-bit demo answer fits (kernel repacks included)."""
+    from bluelm_quant.loading import estimate_host_bytes, load_quantized
+    from bluelm_quant.placement import tensor_bytes
+
+    estimate = estimate_host_bytes(dirs[1], dtype)
+    held = tensor_bytes(load_quantized(dirs[1], dtype=dtype), "cpu")
+    assert estimate == pytest.approx(held, rel=0.01)

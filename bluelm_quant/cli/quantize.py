@@ -107,6 +107,7 @@ def quantize_command(args: argparse.Namespace) -> int:
     )
     calib = Calibration(_calib_sources(args), args.nsamples, args.seqlen, args.seed)
     # The lock covers the evaluation too: no other run may replace the checkpoint while it is read.
+    base_rss, _ = _rss_bytes()  # libraries imported, no model yet: what the 4-bit answer would add to
     with output_lock(args.out):
         start = time.perf_counter()
         report = quantize(args.model, args.out, config, calib, opts)
@@ -119,7 +120,7 @@ def quantize_command(args: argparse.Namespace) -> int:
         written = [f for f in (JSON_FILE, PLOT_FILE) if os.path.exists(os.path.join(args.out, f))]
         print(f"Checkpoint: {args.out}" + (f"  (report: {', '.join(written)})" if written else ""))
         if args.eval_windows > 0:
-            _evaluate(args)
+            _evaluate(args, base_rss)
     return 0
 
 
@@ -131,7 +132,7 @@ def _calib_sources(args):
     return [Source(path, fields=args.calib_fields, chat=args.calib_chat) for path in args.calib]
 
 
-def _evaluate(args) -> None:
+def _evaluate(args, base_rss: int | None) -> None:
     """Perplexity before/after on bundled held-out text, and a short 4-bit answer.
 
     Both perplexities run one decoder layer at a time (layerwise.py): holding the
@@ -157,6 +158,8 @@ def _evaluate(args) -> None:
     print(f"{'text':<8}{'full precision':>16}{'4-bit':>10}")
     for lang in LANGS:
         print(f"{lang:<8}{full[lang]:>16.3f}{quantized[lang]:>10.3f}")
+    if not _answer_fits(args, dtype, base_rss):
+        return
     q, tokenizer = load_model_and_tokenizer(args.out, device=args.device, dtype=dtype)
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": DEMO_PROMPT}], add_generation_prompt=True, return_tensors="pt")
@@ -166,6 +169,43 @@ def _evaluate(args) -> None:
     with torch.no_grad():
         out = q.generate(ids.to(args.device), max_new_tokens=40, do_sample=False)
     print(f"\n4-bit model, greedy: {DEMO_PROMPT!r}\n-> {tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}")
+
+
+def _answer_fits(args, dtype, base_rss: int | None) -> bool:
+    """Whether loading the whole 4-bit model for the demo answer stays within the memory this
+    command has already needed (the quantization's peak); if not, say so and how to chat.
+
+    Generating needs every layer at once: at 7B the 4-bit model with fp32 non-quantized tensors
+    is ~4.5 GB (more with act-order repacks), above what the layer-by-layer quantization and
+    evaluation needed. The model is counted on top of the process before any model was read
+    (`base_rss`: Python and the libraries); memory freed since then is reused. On a GPU the
+    loader checks device memory itself.
+    """
+    from ..loading import estimate_host_bytes
+
+    if not args.device.startswith("cpu") or base_rss is None:
+        return True  # no /proc: cannot tell
+    _, peak = _rss_bytes()
+    need = estimate_host_bytes(args.out, dtype)
+    if base_rss + need <= peak:
+        return True
+    print(f"\n4-bit demo answer skipped: the whole 4-bit model needs about {need / 1e9:.1f} GB, which would take "
+          f"this command past the {peak / 1e9:.1f} GB it has needed so far. Chat with it: bluelm-chat --model {args.out}")
+    return False
+
+
+def _rss_bytes() -> tuple[int | None, int]:
+    """(resident set size now or None where /proc is missing, peak resident set size so far)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        now = None
+    return now, peak
 
 
 if __name__ == "__main__":
