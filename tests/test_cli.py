@@ -287,3 +287,18 @@ def test_the_demo_answer_is_skipped_when_it_would_exceed_the_runs_peak(fp_dir, t
     assert "4-bit demo answer skipped" in out and f"bluelm-chat --model {tmp_path / 'q'}" in out
     assert "4-bit model, greedy" not in out
 
+
+
+def test_ctrl_c_is_one_line_and_says_how_to_resume(capsys):
+    from bluelm_quant.cli import EXIT_INTERRUPTED, run_tool
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert run_tool(interrupted, argparse.Namespace(debug=False, resume=False)) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == ("interrupted; the finished layers are kept: run the same command "
+                                               "with --resume to continue")
+    assert run_tool(interrupted, argparse.Namespace(debug=False)) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        run_tool(interrupted, argparse.Namespace(debug=True))

@@ -76,7 +76,9 @@ def run_tool(tool: Callable[[argparse.Namespace], int], args: argparse.Namespace
     except KeyboardInterrupt:
         if getattr(args, "debug", False):
             raise
-        print("\ninterrupted", file=sys.stderr)
+        hint = "; the finished layers are kept: run the same command with --resume to continue" \
+            if hasattr(args, "resume") else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
