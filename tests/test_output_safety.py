@@ -4,6 +4,7 @@ and the source tensors the checkpoint copies as they are."""
 import json
 import logging
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -364,3 +365,50 @@ def test_the_finite_check_reads_large_tensors_in_pieces(tmp_path):
     pieces = list(reader.scan(key, chunk_bytes=1000))
     assert all(p.numel() * p.element_size() <= 1000 for p in pieces) and len(pieces) > 10
     assert torch.equal(torch.cat(pieces), reader.get(key).reshape(-1))
+
+
+GATED_QUANTIZE = """
+import os, runpy, sys, time
+import bluelm_quant.layer_job as layer_job
+gate, real = sys.argv.pop(1), layer_job.LayerJob.quantize
+
+def gated(*args, **kwargs):  # hold the first layer until the test opens the gate
+    open(gate + ".waiting", "w").close()
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return real(*args, **kwargs)
+
+layer_job.LayerJob.quantize = gated
+sys.argv[0] = os.path.join(os.getcwd(), "tools", "quantize.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_two_quantize_commands_on_one_output(fp_dir, tmp_path):
+    """Issue 15's scenario with the real tool: while one run works (held at its first layer
+    until the second has tried), a second with --overwrite --seed 1 fails at once naming the
+    first; the first then publishes its own checkpoint (seed 0)."""
+    import time
+
+    out, gate = str(tmp_path / "q"), str(tmp_path / "gate")
+    args = ["--model", fp_dir, "--out", out, "--group-size", "32", "--nsamples", "8", "--seqlen", "32",
+            "--eval-windows", "0", "-q"]
+    first = subprocess.Popen([sys.executable, "-c", GATED_QUANTIZE, gate, *args], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not os.path.exists(gate + ".waiting") and first.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert first.poll() is None, first.stderr.read()
+        second = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "quantize.py"), *args, "--overwrite",
+                                 "--seed", "1"], cwd=ROOT, capture_output=True, text=True)
+    finally:
+        open(gate, "w").close()
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(rf"error: {re.escape(out)} is being written by another run \(pid {first.pid}\b",
+                                        lines[0]), second.stderr
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    report = json.load(open(os.path.join(out, "quantize_report.json")))
+    assert report["settings"]["seed"] == 0
+    assert not os.path.exists(lock_path(out))
