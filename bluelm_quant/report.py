@@ -62,8 +62,14 @@ def plot(per_layer: list[dict], path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(ncol=4, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    tmp = path + ".tmp"
+    try:  # into place whole: the checkpoint directory is already published
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_report(directory: str, per_layer: list[dict], settings: dict) -> dict:
