@@ -58,8 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=positive_float, default=2.0, help="safetensors shard size in GB (default 2)")
     p.add_argument("--eval-windows", type=nonnegative_int, default=8,
                    help="after quantizing: held-out windows per language for the full-precision vs 4-bit perplexity "
-                        "(each model run one decoder layer at a time), then a short 4-bit demo answer; "
-                        "0 skips both (default 8)")
+                        "(each model run one decoder layer at a time), then a short 4-bit demo answer (if the "
+                        "whole 4-bit model fits in the memory the run already needed); 0 skips both (default 8)")
     p.add_argument("--cache-dir", help="where the default model is cached (default ~/.cache/bluelm-quant or $BLUELM_QUANT_CACHE)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or progress messages")
     add_debug_flag(p)
