@@ -26,6 +26,22 @@ def _build_config():
 
 ext, build_ext, _kind = _build_config().make_extension(prefix="quant_cuda/")
 
+# Ranges, not pins: the package must install beside vLLM, whose CPU release 0.32 needs
+# transformers < 5.20, and on machines with an older preinstalled torch. The test suite
+# passes with transformers 5.17.0, 5.19.0 and 5.23.0 (requirements.txt keeps CI's pins).
+INSTALL_REQUIRES = [
+    "torch>=2.11,<2.15",
+    "transformers>=5.17,<6",
+    "safetensors>=0.6",
+    "sentencepiece>=0.2",  # the BlueLM tokenizer
+    "accelerate>=1.0",  # empty-weight model skeletons when loading a checkpoint
+    "tqdm>=4.60",
+]
+EXTRAS_REQUIRE = {
+    "plot": ["matplotlib>=3.5"],  # the quantization report's loss plot
+    "smollm2": ["gguf>=0.10"],  # the built-in SmolLM2 demo model ships as a GGUF file
+}
+
 setup(
     name="bluelm-quant",
     version="0.1.0",
@@ -34,12 +50,18 @@ setup(
     package_data={"bluelm_quant": ["texts/*"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
             "bluelm-quantize = bluelm_quant.cli.quantize:main",
             "bluelm-chat = bluelm_quant.cli.chat:main",
             "bluelm-eval-ppl = bluelm_quant.cli.eval_ppl:main",
+            "bluelm-convert = bluelm_quant.cli.convert:main",
         ],
+        # vLLM calls every `vllm.general_plugins` entry point in each of its processes:
+        # this one registers BlueLM (bluelm_quant/vllm_plugin.py; a no-op without vLLM).
+        "vllm.general_plugins": ["bluelm = bluelm_quant.vllm_plugin:register"],
     },
-    python_requires=">=3.10",
 )

@@ -18,10 +18,16 @@ or `Source.template`, a `str.format` template over the record such as
 "{instruction}\\n{output}". `Source.chat` formats prompt/response records as a chat:
 "bluelm" ([|Human|]:{q}[|AI|]:{a}</s>), "template" (the tokenizer's chat template),
 or a callable (prompt, response) -> str.
+
+Bundled sets (texts/SOURCES.md): `eval_windows(tok, lang, domain)` gives the in-domain
+held-out or the out-of-domain evaluation windows, `calibration_mix(name)` a named mix
+of calibration sources. `check_eval_overlap` and `calibration_windows` warn when inputs
+share text (bluelm_quant.overlap).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import string
 from dataclasses import dataclass
@@ -32,8 +38,34 @@ import torch
 
 from .models.bluelm import chat_format
 
+logger = logging.getLogger(__name__)
+
 TEXTS_DIR = Path(__file__).resolve().parent / "texts"
 LANGS = ("en", "zh")
+DOMAINS = ("in", "out")
+# Evaluation sets by domain (file stems, "{lang}" filled in; texts/SOURCES.md has the
+# sources). "in": held-out chapters of the document the default calibration text is cut
+# from. "out": other documents, used by no calibration mix: a book and a desktop help
+# (technical prose, like the calibration text) and a game's story text (narrative prose:
+# another genre altogether).
+EVAL_SETS = {
+    "in": ("heldout_{lang}",),
+    "out": ("eval_handbook_{lang}", "eval_gnomehelp_{lang}", "eval_wesnoth_{lang}"),
+}
+# Calibration sources by name (file names, "{lang}" filled in), and named mixes of them.
+# Every mix takes both languages of each of its sources; windows split evenly per file.
+CALIB_SOURCES = {
+    "reference": "calib_{lang}.txt",           # Debian Reference (the default)
+    "faq": "calib_faq_{lang}.txt",             # Debian FAQ
+    "maintguide": "calib_maintguide_{lang}.txt",  # Debian New Maintainers' Guide
+    "chat": "calib_chat_{lang}.jsonl",         # instruction/response pairs written for bluelm-quant
+}
+CALIB_MIXES = {
+    "default": ("reference",),
+    "docs": ("reference", "faq", "maintguide"),
+    "diverse": ("reference", "faq", "maintguide", "chat"),
+    "chat": ("chat",),
+}
 
 
 class CalibrationDataError(ValueError):
@@ -117,6 +149,105 @@ def _bundled(kind: str, lang: str) -> Path:
 def default_sources() -> list[Source]:
     """The bundled English and Chinese calibration texts (mixed evenly)."""
     return [Source(calibration_path(lang)) for lang in LANGS]
+
+
+# ---------------------------------------------------------------- named bundled sets
+
+def _bundled_file(name: str) -> Path:
+    path = TEXTS_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the package was installed without its texts/ data; "
+            "reinstall bluelm-quant or run tools/build_texts.py"
+        )
+    return path
+
+
+def _check_lang(lang: str) -> None:
+    if lang not in LANGS:
+        raise ValueError(f"lang={lang!r}: bundled texts exist for {LANGS}")
+
+
+def _check_lang_domain(lang: str, domain: str) -> None:
+    _check_lang(lang)
+    if domain not in DOMAINS:
+        raise ValueError(f"domain={domain!r} must be one of {DOMAINS} (in: held-out chapters of "
+                         "the calibration document; out: documents no calibration mix uses)")
+
+
+def eval_paths(lang: str, domain: str = "in") -> dict[str, Path]:
+    """The bundled evaluation files of one language and domain, by name (file stem)."""
+    _check_lang_domain(lang, domain)
+    return {stem.format(lang=lang): _bundled_file(stem.format(lang=lang) + ".txt")
+            for stem in EVAL_SETS[domain]}
+
+
+def eval_texts(lang: str, domain: str = "in") -> dict[str, str]:
+    return {name: path.read_text(encoding="utf-8") for name, path in eval_paths(lang, domain).items()}
+
+
+def eval_windows(tokenizer, lang: str, domain: str = "in", seqlen: int = 512,
+                 max_windows: int | None = None) -> dict[str, torch.Tensor]:
+    """Consecutive windows [n, seqlen] of each evaluation file of `lang` and `domain`.
+
+    `max_windows` is split as evenly as possible over the files (the first windows of
+    each); None takes every whole window. For domain "in" this is exactly what
+    `perplexity(model, tok, heldout_text(lang), seqlen, max_windows)` scores.
+    """
+    from .evaluate import text_windows  # evaluate imports tqdm; keep data.py light
+
+    texts = eval_texts(lang, domain)
+    if max_windows is not None and max_windows < len(texts):
+        raise ValueError(f"max_windows={max_windows}: {lang}/{domain} has {len(texts)} files, "
+                         "so at least one window each is needed")
+    counts = ([None] * len(texts) if max_windows is None
+              else _split_evenly(max_windows, len(texts)))
+    out = {}
+    for (name, text), count in zip(texts.items(), counts):
+        windows = text_windows(tokenizer, text, seqlen, count)
+        if count is not None and windows.shape[0] < count:
+            raise ValueError(f"{name} gives {windows.shape[0]} windows of seqlen={seqlen}, "
+                             f"{count} asked; ask for fewer windows or a smaller seqlen")
+        out[name] = windows
+    return out
+
+
+def calibration_mix(name: str = "default", chat: ChatFormat = "template",
+                    langs: Sequence[str] = LANGS) -> list[Source]:
+    """The bundled calibration sources of mix `name` (CALIB_MIXES), both languages.
+
+    chat: how the "chat" source's prompt/response records become text: "template" (the
+    tokenizer's chat template: SmolLM2), "bluelm" (BlueLM's [|Human|]/[|AI|] format),
+    a callable, or None (prompt and response joined by a newline).
+    """
+    if name not in CALIB_MIXES:
+        raise ValueError(f"calibration mix {name!r} is not one of {sorted(CALIB_MIXES)}")
+    sources = []
+    for source in CALIB_MIXES[name]:
+        for lang in langs:
+            _check_lang(lang)
+            path = _bundled_file(CALIB_SOURCES[source].format(lang=lang))
+            sources.append(Source(path, chat=chat) if source == "chat" else Source(path))
+    return sources
+
+
+def check_eval_overlap(tokenizer, evaluation: dict[str, torch.Tensor], sources: Sequence | None = None,
+                       ngram: int | None = None) -> list:
+    """Warns (logging) for each evaluation set that shares text with a calibration source.
+
+    evaluation: named windows (eval_windows); sources: calibration sources as given to
+    calibration_windows (None = the bundled default). Returns the Overlap list.
+    """
+    from .overlap import DEFAULT_NGRAM, warn_overlaps
+
+    sources = default_sources() if sources is None else list(sources)
+    streams = {_source_name(src): token_stream(tokenizer, src) for src in sources}
+    return warn_overlaps(evaluation, streams, ngram or DEFAULT_NGRAM,
+                         "perplexity on those windows is not measured on unseen text")
+
+
+def _source_name(src) -> str:
+    return str(src.path if isinstance(src, Source) else src)
 
 
 # ---------------------------------------------------------------- reading documents
@@ -323,6 +454,7 @@ def calibration_windows(tokenizer, sources: Sequence | None = None, nsamples: in
         raise CalibrationDataError("sources is empty; pass None for the bundled texts")
     gen = torch.Generator().manual_seed(seed)
     rows = []
+    per_source = []  # (name, its windows, its token stream) for the overlap check
     for src, count in zip(sources, _split_evenly(nsamples, len(sources))):
         if count == 0:
             continue
@@ -335,6 +467,27 @@ def calibration_windows(tokenizer, sources: Sequence | None = None, nsamples: in
                 "Add text or lower seqlen"
             )
         starts = torch.randint(0, stream.numel() - seqlen + 1, (count,), generator=gen)
-        rows.extend(stream[s:s + seqlen] for s in starts.tolist())
+        mine = [stream[s:s + seqlen] for s in starts.tolist()]
+        rows.extend(mine)
+        per_source.append((_source_name(src), torch.stack(mine), stream))
+    _warn_calibration_overlap(per_source)
     windows = torch.stack(rows)
     return windows[torch.randperm(windows.shape[0], generator=gen)]
+
+
+def _warn_calibration_overlap(per_source) -> None:
+    """Warns when two calibration sources hold the same text (a file given twice, or two
+    extracts of one document): those windows weigh double and the mix is not what it says."""
+    from .overlap import DEFAULT_NGRAM, Overlap, rows_hitting, span_hashes
+
+    if len(per_source) < 2:
+        return
+    # Each source hashed once: its windows' spans, and the set of its stream's spans.
+    rows = [span_hashes(windows) for _, windows, _ in per_source]
+    spans = [span_hashes(stream).flatten().unique() for _, _, stream in per_source]
+    for i, (name_a, windows_a, _) in enumerate(per_source):
+        for j in range(i + 1, len(per_source)):
+            k = rows_hitting(rows[i], spans[j])
+            if k:
+                logger.warning(Overlap(name_a, per_source[j][0], k, windows_a.shape[0], DEFAULT_NGRAM).message(
+                    "calibration sources overlap, so that text weighs double in the mix"))

@@ -120,7 +120,7 @@ class GPTQ:
         if blocksize < 1:
             raise GPTQError(f"blocksize={blocksize} must be positive")
         w, h = self._problem(weight, keep_hessian)
-        groups = _Groups.for_config(w, config, scale_dtype)
+        groups = _Groups.for_config(w, config, scale_dtype, torch.diag(h))
         if config.desc_act:
             # Columns with the largest activations first, while many columns remain to
             # absorb their error; stable sort keeps ties deterministic.
@@ -128,7 +128,7 @@ class GPTQ:
             w, h = w[:, perm], h[perm[:, None], perm]  # one K x K copy, not two
         else:
             perm = torch.arange(w.shape[1], device=self.device)
-        groups.order(perm)
+        groups.order(perm)  # also puts the column weights in quantization order
         u, damp = _upper_inverse_cholesky(h, config.damp_percent)
         del h
         codes, row_loss = _solve_columns(w, u, groups, config.maxq, blocksize)
@@ -172,20 +172,24 @@ class _Groups:
     zeros: torch.Tensor  # [G, N] float32
     size: int  # columns per group (K for per-channel)
     static: bool  # grids fixed from the original columns before any reordering
-    find: Callable  # weights [N, cols] -> (scale [N], zero [N])
+    find: Callable  # (weights [N, cols], column weights [cols] or None) -> (scale [N], zero [N])
+    col_weight: torch.Tensor | None  # [K]: how much each column's error counts in the clip search
     col_group: list[int] = None  # group of each column, in quantization order
 
     @classmethod
-    def for_config(cls, w: torch.Tensor, config: QuantConfig, scale_dtype: torch.dtype) -> "_Groups":
+    def for_config(cls, w: torch.Tensor, config: QuantConfig, scale_dtype: torch.dtype,
+                   h_diag: torch.Tensor) -> "_Groups":
         n, k = w.shape
         ngroups, size = config.groups(k), config.effective_group_size(k)
         find = partial(find_params, bits=config.bits, sym=config.sym, mse_clip=config.mse_clip, scale_dtype=scale_dtype)
+        col_weight = h_diag.clone() if config.mse_clip and config.clip_weights == "hessian" else None
         groups = cls(torch.zeros(ngroups, n, device=w.device), torch.zeros(ngroups, n, device=w.device), size,
-                     config.static_groups, find)
+                     config.static_groups, find, col_weight)
         if groups.static:
             # Fixed before any reordering or error feedback: group g is original columns g*size...
             for g in range(ngroups):
-                groups.scales[g], groups.zeros[g] = find(w[:, g * size : (g + 1) * size])
+                groups.scales[g], groups.zeros[g] = find(w[:, g * size : (g + 1) * size],
+                                                         weights=groups.weights(g * size, (g + 1) * size))
         return groups
 
     def order(self, perm: torch.Tensor) -> None:
@@ -193,6 +197,12 @@ class _Groups:
         others are consecutive runs of that order."""
         k = perm.shape[0]
         self.col_group = (perm // self.size).tolist() if self.static else [i // self.size for i in range(k)]
+        if self.col_weight is not None:
+            self.col_weight = self.col_weight[perm]
+
+    def weights(self, start: int, stop: int) -> torch.Tensor | None:
+        """Clip-search weights of columns [start, stop) (in the current column order)."""
+        return None if self.col_weight is None else self.col_weight[start:stop]
 
     def g_idx(self, perm: torch.Tensor) -> torch.Tensor:
         """int32 [K]: the group of each column in the original order."""
@@ -223,7 +233,7 @@ def _solve_columns(w: torch.Tensor, u: torch.Tensor, groups: _Groups, maxq: int,
                 if end > i2:
                     rest = w[:, i2:end] - err1[:, :j] @ u[i1:i, i2:end]
                     cols = torch.cat([cols, rest], dim=1)
-                groups.scales[i // gs], groups.zeros[i // gs] = groups.find(cols)
+                groups.scales[i // gs], groups.zeros[i // gs] = groups.find(cols, weights=groups.weights(i, end))
             s, z = groups.scales[groups.col_group[i]], groups.zeros[groups.col_group[i]]
             c = quantize(w1[:, j], s, z, maxq)
             codes[:, i] = c.to(torch.uint8)

@@ -211,7 +211,7 @@ def write_back(linear: nn.Linear, tensors: dict[str, torch.Tensor], bits: int) -
     """
     device = linear.weight.device
     w = ops.dequantize_reference(
-        *(tensors[s].to(device) for s in ("qweight", "qzeros", "scales", "g_idx")), bits, torch.float32
+        *(tensors[name].to(device) for name in ("qweight", "qzeros", "scales", "g_idx")), bits, torch.float32
     )
     linear.weight.data.copy_(w.T.to(linear.weight.dtype))
 

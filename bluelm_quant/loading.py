@@ -90,13 +90,16 @@ class LoadPlan:
         return (0 if self.embed_on_cpu else size) + (head if separate_head else 0)
 
     def is_transient(self, key: str) -> bool:
-        """Whether the stored tensor is dropped after reading (moved, converted or quantized)."""
+        """Whether the stored tensor is dropped after reading (moved, converted, quantized, or
+        regrouped for the kernel: a dynamic act-order qweight)."""
         if self.device.type != "cpu" or (key == self.head_key and self.lm_head_bits == 8):
             return True
         stored = self.model_dir.reader.dtype(key)
         if stored.is_floating_point:
             return stored != self.dtype
-        return stored != torch.int32 or (key.endswith(".qzeros") and self.model_dir.layout == "gptq_v2")
+        layout = self.model_dir.layout
+        return (stored != torch.int32 or (key.endswith(".qzeros") and layout == "gptq_v2")
+                or (key.endswith(".qweight") and self.model_dir.quant.act_order == "dynamic"))
 
     def convert(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """Checkpoint tensor -> the dtype the model keeps, on the CPU (no second device copy)."""

@@ -24,7 +24,7 @@ import time
 from typing import Iterator
 
 from .atomic import file_mode
-from .workdir import writing
+from .outputs import writing
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,12 @@
 """QuantLinear: a Linear layer whose weight lives in the standard GPTQ tensors.
 
 Persistent buffers (what a checkpoint holds): qweight, qzeros, scales, g_idx and an
-optional bias, in the layout described in ops.py. `post_init()` asks ops.prepare for
-whatever extra layout the kernel wants (kept as non-persistent buffers), so the
-storage format never depends on the kernel.
+optional bias, in the layout described in ops.py. `post_init()` asks ops.prepare for the
+kernel's layout once the tensors are loaded: for act-order layers qweight's rows are
+regrouped in place of the checkpoint's order (one copy of the weights, not two) and the
+permutation is kept as a non-persistent buffer `kernel_perm`. Saving (state_dict) writes
+the standard layout back, bit for bit; loading a state dict builds the kernel layout again.
+So the storage format never depends on the kernel.
 """
 from __future__ import annotations
 
@@ -52,7 +55,10 @@ class QuantLinear(nn.Module):
         g_idx = default_g_idx(in_features, group_size)
         self.register_buffer("g_idx", g_idx.to(device) if device is not None else g_idx)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self._kernel_names: tuple[str, ...] = ()
+        # The kernel layout (post_init): qweight rows in kernel_perm order when it is set,
+        # and the contiguous group size the kernels run with (None: the reference path).
+        self.register_buffer("kernel_perm", None, persistent=False)
+        self.kernel_group_size: int | None = None
 
     # --- construction ----------------------------------------------------------------
 
@@ -83,6 +89,7 @@ class QuantLinear(nn.Module):
         if qw.scales.shape != self.scales.shape:
             raise ValueError(f"{qw.scales.shape[0]} groups given, layer has {self.scales.shape[0]}")
         device = self.qweight.device
+        self.kernel_perm, self.kernel_group_size = None, None  # the new tensors are in the standard layout
         for name, t in gptq_tensors(qw, self.scales.dtype).items():
             setattr(self, name, t.to(device))
         if bias is not None:
@@ -95,22 +102,37 @@ class QuantLinear(nn.Module):
 
     def post_init(self) -> None:
         """Build the kernel's layout once, after the standard tensors are loaded."""
-        for name in self._kernel_names:
-            delattr(self, name)
-        extra = ops.prepare(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
-        for name, t in extra.items():
-            self.register_buffer(name, t, persistent=False)
-        self._kernel_names = tuple(extra)
+        if self.kernel_perm is not None:
+            raise RuntimeError("QuantLinear.post_init() ran twice: qweight is already in the kernel's row order")
+        layer = ops.prepare(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        self.qweight, self.kernel_perm, self.kernel_group_size = layer.qweight, layer.perm, layer.group_size
+
+    def quant_layer(self) -> ops.QLayer:
+        """This layer's tensors as ops takes them."""
+        return ops.QLayer(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias,
+                          self.kernel_perm, self.kernel_group_size)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel_perm is not None:  # checkpoints hold the input's row order
+            destination[prefix + "qweight"] = ops.standard_qweight(self.quant_layer())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "qweight" not in state_dict:  # nothing of ours arrives (e.g. PEFT loading adapters)
+            return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # The incoming qweight is in the standard order: forget the kernel layout, then rebuild it.
+        self.kernel_perm, self.kernel_group_size = None, None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.post_init()
 
     # --- compute -----------------------------------------------------------------------
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """The weight in nn.Linear orientation [out_features, in_features]."""
-        return ops.dequantize_reference(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype).T
+        return ops.dequantize(self.quant_layer(), dtype).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = {name: getattr(self, name) for name in self._kernel_names}
-        return ops.gemm(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias, kernel)
+        return ops.gemm(x, self.quant_layer())
 
     def extra_repr(self) -> str:
         return (

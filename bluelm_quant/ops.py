@@ -9,24 +9,41 @@ Which path runs (`backend()` says what was built; every fallback is logged once)
   kernel     4-bit layers that `prepare` accepted, with the compiled `quant_cuda` module:
              CPU float32/bfloat16 (float16 computed in float32), CUDA float16/bfloat16
              (float32 computed in float16, the GPTQ ecosystem's compute dtype).
-             At M = prod(x.shape[:-1]) >= *_DEQUANT_MIN_M rows: dequantize once + torch.matmul.
+             At M = prod(x.shape[:-1]) >= *_DEQUANT_MIN_M rows: dequantize once + torch.matmul
+             (CPU: not with the AMX body, which stays faster).
+             Each configuration checks itself against the reference path on first use
+             (kernel_check.py) and falls back to it on a mismatch.
   reference  everything else: 2/3/8-bit, float64, act-order layouts whose groups are not
              contiguous runs after sorting, x that needs a gradient (the ops have no
              backward), or no compiled extension.
+
+The CPU kernels run the best body the CPU has (`cpu_isa()`: amx, avx512, avx2, scalar);
+`set_cpu_isa` or BLUELM_QUANT_CPU_ISA pick a lower one, on as many threads as
+torch.get_num_threads() (at most the CPUs this process may use).
+
+`gemm_int8` is the same gateway for a weight-only int8 matrix with one scale per output
+row (the quantized lm_head, placement.Int8Linear): CPU kernel when `int8_kernel_runs(x)`.
 
 Tensor layout (the standard GPTQ one, K = in_features, N = out_features):
   qweight int32 [K*bits/32, N]   codes packed along K, least-significant bits first
   qzeros  int32 [G, N*bits/32]   v1 zeros (zero - 1) packed along N
   scales  fp16/bf16/fp32 [G, N]
   g_idx   int32 [K]              group of each input row (any order: act-order)
+
+A layer's tensors travel as a QLayer. `prepare` turns the standard layout into the kernel's:
+for act-order, the rows of qweight are regrouped (one copy, not two) and `perm` says which
+input row each holds; `standard_qweight` gives the checkpoint's order back for saving.
 """
 from __future__ import annotations
 
 import logging
+import os
+from typing import NamedTuple
 
 import torch
 
-from .packing import pack_multiple, pack_qweight, unpack_qweight, unpack_qzeros
+from . import kernel_check
+from .packing import pack_multiple, permute_rows, unpack_qweight, unpack_qzeros
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -42,7 +59,13 @@ log = logging.getLogger(__name__)
 #   4096x4096,  1 thread:  M=256 426/394/286
 # The fused kernel keeps up with MKL's SGEMM to M ~ 128 and the crossover lies at M ~ 256.
 # The dequantized weight is fp32 on CPU (fp32 SGEMM, and as accurate as the fused kernel).
+# The AVX-512 body (same machine, Xeon, load ~10, best of 7 ms, fused / dequantize + matmul,
+# 4096x4096, 1 thread): M=64 52/151, M=256 223/278, M=512 358/249: the crossover stays.
 CPU_DEQUANT_MIN_M = 256
+# With AMX tiles (cpu_isa() == "amx") the fused kernel stays ahead at every M measured,
+# same runs: M=64 23/151, M=256 64/278, M=512 105/249 (2 threads 185/462; 576x1536: M=512
+# 8.8/21.9), so it never hands over.
+CPU_AMX_DEQUANT_MIN_M = 1 << 62
 # CUDA: placeholder until measured on a GPU (tools/bench_kernels.py); exllamav2 switches
 # at a few dozen rows for the same reason.
 CUDA_DEQUANT_MIN_M = 64
@@ -50,6 +73,27 @@ CUDA_DEQUANT_MIN_M = 64
 
 class QuantOpError(ValueError):
     """Inputs to a quantized op do not fit together."""
+
+
+class QLayer(NamedTuple):
+    """The tensors of one quantized Linear, as `gemm` and `dequantize` take them."""
+
+    qweight: torch.Tensor  # [K*bits/32, N]; rows in `perm` order when perm is set
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor  # [K]: the group of each input row, in the original row order
+    bits: int
+    bias: torch.Tensor | None = None
+    perm: torch.Tensor | None = None  # int32 [K]: row r of qweight is input row perm[r]
+    group_size: int | None = None  # the kernel layout's contiguous group size; None: reference path only
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0] * 32 // self.bits
+
+    def kernel_g_idx(self) -> torch.Tensor:
+        """The group of each row of qweight as stored (g_idx in perm order)."""
+        return self.g_idx if self.perm is None else self.g_idx.index_select(0, self.perm)
 
 
 def check_layer(qweight, qzeros, scales, g_idx, bits: int) -> tuple[int, int, int]:
@@ -98,6 +142,31 @@ def gemm_reference(x, qweight, qzeros, scales, g_idx, bits: int, bias=None) -> t
     return y
 
 
+def dequantize(layer: QLayer, dtype=None) -> torch.Tensor:
+    """W^T [K, N] in the original input order, in `dtype` (default the scales')."""
+    w = dequantize_reference(layer.qweight, layer.qzeros, layer.scales, layer.kernel_g_idx(), layer.bits, dtype)
+    if layer.perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[layer.perm.long()] = w
+    return out
+
+
+def standard_qweight(layer: QLayer) -> torch.Tensor:
+    """qweight in the checkpoint's row order (the input's own), whatever the kernel layout."""
+    if layer.perm is None:
+        return layer.qweight
+    return permute_rows(layer.qweight, torch.argsort(layer.perm.long()), layer.bits)
+
+
+def _gemm_reference_layer(x: torch.Tensor, layer: QLayer) -> torch.Tensor:
+    """gemm_reference for either layout (a permuted one multiplies the permuted x)."""
+    if layer.perm is None:
+        return gemm_reference(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.bias)
+    xp = x.index_select(-1, layer.perm)
+    return gemm_reference(xp, layer.qweight, layer.qzeros, layer.scales, layer.kernel_g_idx(), layer.bits, layer.bias)
+
+
 def check_activation(x: torch.Tensor, qweight: torch.Tensor, in_features: int) -> None:
     if not x.is_floating_point():
         raise QuantOpError(f"activations must be a float tensor (fp16/bf16/fp32), got {x.dtype}")
@@ -141,8 +210,56 @@ def backend() -> str:
     if _ext is None:
         return f"reference (extension not built: {_ext_error})"
     if _ext.with_cuda:
-        return f"cuda+cpu kernels (TORCH_CUDA_ARCH_LIST {_ext.cuda_archs}; CPU {_ext.cpu_isa})"
-    return f"cpu-kernel ({_ext.cpu_isa}; no CUDA kernels in this build)"
+        return f"cuda+cpu kernels (TORCH_CUDA_ARCH_LIST {_ext.cuda_archs}; CPU {_ext.get_cpu_isa()})"
+    return f"cpu-kernel ({_ext.get_cpu_isa()}; no CUDA kernels in this build)"
+
+
+# Best first. amx: AVX-512 at M = 1, AMX tiles from 2 rows on (Intel Sapphire Rapids+).
+CPU_ISAS = ("amx", "avx512", "avx2", "scalar")
+CPU_ISA_ENV = "BLUELM_QUANT_CPU_ISA"
+
+
+_cpu_isa = _ext.get_cpu_isa() if _ext is not None else None  # a plain global: gemm reads it under torch.compile
+
+
+def cpu_isa() -> str | None:
+    """The CPU kernel body in use ('amx', 'avx512', 'avx2' or 'scalar'); None without the extension."""
+    return _cpu_isa
+
+
+def set_cpu_isa(name: str) -> str:
+    """Run the CPU kernels on body `name` ('amx', 'avx512', 'avx2', 'scalar' or 'best'); returns the one in use.
+
+    For tests and speed comparisons. A body this CPU cannot run is replaced by the best one
+    it can (with a warning), so a forced body never executes an unsupported instruction.
+    The BLUELM_QUANT_CPU_ISA environment variable does the same at import.
+    """
+    if _ext is None:
+        raise QuantOpError(f"set_cpu_isa({name!r}): the quant_cuda extension is not usable ({_ext_error})")
+    if name not in CPU_ISAS + ("best",):
+        raise QuantOpError(f"unknown CPU kernel body {name!r}: use one of {', '.join(CPU_ISAS)} or 'best'")
+    global _cpu_isa
+    got = _cpu_isa = _ext.set_cpu_isa(name)
+    if name != "best" and got != name:
+        log.warning(
+            "bluelm_quant.ops: this CPU cannot run the %s kernels (it has %s): using %s",
+            name, _ext.cpu_isa_detected, got,
+        )
+    return got
+
+
+def _isa_from_environment() -> None:
+    """Apply BLUELM_QUANT_CPU_ISA (run once at import)."""
+    value = os.environ.get(CPU_ISA_ENV, "")
+    if _ext is None or not value.strip():
+        return
+    try:
+        set_cpu_isa(value.strip().lower())
+    except QuantOpError as e:  # a typo must not stop the package from importing: say so, keep the best body
+        log.warning("bluelm_quant.ops: %s=%r ignored: %s", CPU_ISA_ENV, value, e)
+
+
+_isa_from_environment()
 
 
 if _ext is not None:
@@ -157,15 +274,14 @@ if _ext is not None:
     def _dequantize_4bit_fake(qweight, qzeros, scales, group_size, dtype=None):
         return scales.new_empty((qweight.shape[0] * 8, qweight.shape[1]), dtype=dtype or scales.dtype)
 
+    @torch.library.register_fake("bluelm_quant::gemm_int8")
+    def _gemm_int8_fake(x, weight, scale, bias):
+        torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {tuple(x.shape)}")
+        torch._check(x.shape[1] == weight.shape[1], lambda: f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
 
 # --- load-time preparation ------------------------------------------------------------------
-
-# `prepare` returns the group size as the *shape* of an empty tensor: the dict may only hold
-# tensors (they become buffers that follow the module across devices), and reading a value
-# from a CUDA tensor at every forward would synchronise the GPU and break torch.compile graphs.
-GROUP_SIZE_KEY = "kernel_group_size"  # int32 [0, group_size]
-PERM_KEY = "kernel_perm"  # int32 [K]: act-order, row r of the repacked weight is input row perm[r]
-QWEIGHT_KEY = "kernel_qweight"  # int32 [K/8, N]: qweight with rows in perm order
 
 
 def _contiguous_group_size(g_sorted: torch.Tensor, k: int, groups: int) -> int | None:
@@ -177,27 +293,25 @@ def _contiguous_group_size(g_sorted: torch.Tensor, k: int, groups: int) -> int |
     return gs if torch.equal(g_sorted.to(torch.int64), expected) else None
 
 
-def prepare(qweight, qzeros, scales, g_idx, bits: int) -> dict[str, torch.Tensor]:
-    """Extra tensors the kernel wants for this layer (repacked once at load time).
-
-    Returned tensors become non-persistent buffers of the QuantLinear and come back to
-    `gemm` as `kernel`. An empty dict means this layer runs on the reference path (the
-    reason is logged once).
+def prepare(qweight, qzeros, scales, g_idx, bits: int, bias=None) -> QLayer:
+    """The layer in the kernel's layout (built once, at load time), from the standard tensors.
 
     The kernels take groups as contiguous runs of rows (row r in group r // group_size).
     Act-order checkpoints keep qweight in the original input order with a permuted g_idx;
-    here rows are stable-sorted by g_idx and qweight is repacked in that order
-    (QWEIGHT_KEY, a second copy of the packed weight), with the permutation (PERM_KEY) for
-    the kernel to gather x. If, after sorting, the groups are not runs of one size (a
-    partial last group allowed), or that size is not a multiple of 8, the layer keeps the
-    reference path. Tensors on the meta device give {} without a warning.
+    here rows are stable-sorted by g_idx and qweight is repacked in that order (a new
+    tensor: the caller drops the old one), with `perm` for the kernel to gather x. If,
+    after sorting, the groups are not runs of one size (a partial last group allowed), or
+    that size is not a multiple of 8, or bits != 4, the QLayer has group_size None: the
+    reference path (the reason is logged once). Tensors on the meta device are returned
+    as they are, without a warning (QuantLinear.post_init runs again once they are loaded).
     """
     k, n, groups = check_layer(qweight, qzeros, scales, g_idx, bits)
+    layer = QLayer(qweight, qzeros, scales, g_idx, bits, bias)
     if qweight.is_meta or g_idx.is_meta:
-        return {}  # a skeleton: call again once real tensors are loaded (QuantLinear.post_init)
+        return layer
     if bits != 4:
         _warn_once(f"no kernel for {bits}-bit layers: they run on the reference path (dequantize + matmul)")
-        return {}
+        return layer
     g = g_idx.detach().to("cpu", torch.int64)
     if k and (int(g.min()) < 0 or int(g.max()) >= groups):
         raise QuantOpError(f"g_idx values lie in [{int(g.min())}, {int(g.max())}], expected [0, {groups}) for {groups} groups")
@@ -208,16 +322,32 @@ def prepare(qweight, qzeros, scales, g_idx, bits: int) -> dict[str, torch.Tensor
             f"a layer's g_idx (K={k}, {groups} groups) does not form contiguous groups of one size that is a "
             "multiple of 8 after sorting: it runs on the reference path"
         )
-        return {}
-    out = {GROUP_SIZE_KEY: torch.empty((0, gs), dtype=torch.int32, device=qweight.device)}
-    if not torch.equal(order, torch.arange(k)):
-        codes = unpack_qweight(qweight, bits)[order.to(qweight.device)]
-        out[QWEIGHT_KEY] = pack_qweight(codes, bits)
-        out[PERM_KEY] = order.to(device=qweight.device, dtype=torch.int32)
-    return out
+        return layer
+    if torch.equal(order, torch.arange(k)):
+        return layer._replace(group_size=gs)
+    return layer._replace(qweight=permute_rows(qweight, order, bits),
+                          perm=order.to(device=qweight.device, dtype=torch.int32), group_size=gs)
 
 
 # --- dispatch --------------------------------------------------------------------------------
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_USABLE_CPUS = _usable_cpus()
+
+
+def _check_cpu_threads() -> None:
+    """The CPU kernels run min(torch threads, usable CPUs) threads; say so once when capped."""
+    n = torch.get_num_threads()
+    if n > _USABLE_CPUS:
+        _warn_once(
+            f"torch.get_num_threads() is {n} but this process may run on {_USABLE_CPUS} CPUs: the 4-bit CPU "
+            f"kernels use {_USABLE_CPUS} threads (torch.set_num_threads({_USABLE_CPUS}) also keeps torch's own "
+            "ops from oversubscribing the cores)"
+        )
 
 
 def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype | None, str]:
@@ -225,6 +355,8 @@ def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype | None, str]:
     if _ext is None:
         return None, f"the quant_cuda extension is not usable ({_ext_error}); all quantized matmuls use the reference path"
     if x.device.type == "cpu":
+        if not torch.compiler.is_compiling():  # torch.get_num_threads() would break the graph
+            _check_cpu_threads()
         if x.dtype in (torch.float32, torch.bfloat16):
             return x.dtype, ""
         if x.dtype == torch.float16:
@@ -241,47 +373,130 @@ def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype | None, str]:
     return None, f"no kernel for {x.dtype} activations on {x.device.type}: reference path"
 
 
-def gemm(x, qweight, qzeros, scales, g_idx, bits: int, bias=None, kernel=None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for x [..., K]; output in x's dtype.
+def _dequant_min_m(device: torch.device) -> int:
+    if device.type == "cuda":
+        return CUDA_DEQUANT_MIN_M
+    return CPU_AMX_DEQUANT_MIN_M if _cpu_isa == "amx" else CPU_DEQUANT_MIN_M
 
-    `kernel` is what `prepare` returned for these tensors (may be empty: reference path).
-    """
-    k = qweight.shape[0] * 32 // bits
-    check_activation(x, qweight, k)
-    if kernel is None:
-        _warn_once("gemm called without kernel=prepare(...): reference path (QuantLinear.post_init() prepares)")
-    if not kernel or GROUP_SIZE_KEY not in kernel or (x.requires_grad and torch.is_grad_enabled()):
-        return gemm_reference(x, qweight, qzeros, scales, g_idx, bits, bias)
+
+def _path(m: int, device: torch.device) -> str:
+    """The kernel code that runs for m rows (the self-check's unit)."""
+    if m >= _dequant_min_m(device):
+        return "dequantize + matmul"
+    return f"{kernel_check.m_class(m)}-row kernel"
+
+
+def _run_kernel(x2: torch.Tensor, layer: QLayer, dtype: torch.dtype) -> torch.Tensor:
+    """The compiled path for x2 [M, K] in `dtype`; the result in `dtype` (float32 for the CPU dequant path)."""
+    s = layer.scales.to(dtype)
+    b = layer.bias.to(dtype) if layer.bias is not None else None
+    x2 = x2.to(dtype)
+    if x2.shape[0] >= _dequant_min_m(x2.device):
+        mm_dtype = dtype if x2.is_cuda else torch.float32  # fp32 SGEMM on the CPU: as accurate as the fused kernel
+        w = torch.ops.bluelm_quant.dequantize_4bit(layer.qweight, layer.qzeros, s, layer.group_size, mm_dtype)
+        xp = (x2 if layer.perm is None else x2.index_select(1, layer.perm)).to(mm_dtype)
+        y = torch.matmul(xp, w) if b is None else torch.addmm(b.to(mm_dtype), xp, w)
+    else:
+        y = torch.ops.bluelm_quant.gemm_4bit(x2, layer.qweight, layer.qzeros, s, layer.perm, layer.group_size, b)
+    fault = kernel_check.STATE.fault
+    return y if fault is None else fault(y)
+
+
+def _self_check(layer: QLayer, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
+    """Every M-path of this configuration on the layer's first CHECK_COLUMNS output columns:
+    {path: (max |kernel - reference|, max |reference|)}."""
+    n = min(layer.qweight.shape[1], kernel_check.CHECK_COLUMNS)
+    cols = n * layer.bits // 32
+    part = layer._replace(qweight=layer.qweight[:, :n].contiguous(), qzeros=layer.qzeros[:, :cols].contiguous(),
+                          scales=layer.scales[:, :n].contiguous(),
+                          bias=None if layer.bias is None else layer.bias[:n].contiguous())
+    ref_layer = part._replace(scales=part.scales.to(dtype).float(),
+                              bias=None if part.bias is None else part.bias.to(dtype).float())
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    rows = list(kernel_check.REPRESENTATIVE_M)
+    if _dequant_min_m(device) <= kernel_check.MAX_CHECK_M:  # a path that runs at all
+        rows.append(_dequant_min_m(device))
+    for m in rows:
+        x = torch.randn(m, part.in_features, generator=gen, device=device).to(dtype)
+        ref = _gemm_reference_layer(x.float(), ref_layer)
+        got = _run_kernel(x, part, dtype).float()
+        out[_path(m, device)] = (float((got - ref).abs().max()), float(ref.abs().max()))
+    return out
+
+
+def gemm(x: torch.Tensor, layer: QLayer) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for x [..., K]; output in x's dtype. `layer` as `prepare` made it."""
+    k = layer.in_features
+    check_activation(x, layer.qweight, k)
+    if layer.group_size is None or (x.requires_grad and torch.is_grad_enabled()):
+        return _gemm_reference_layer(x, layer)
     dtype, why = _compute_dtype(x)
     if dtype is None:
         _warn_once(why)
-        return gemm_reference(x, qweight, qzeros, scales, g_idx, bits, bias)
+        return _gemm_reference_layer(x, layer)
+    x2 = x.reshape(-1, k)
+    key = (x.device, dtype, layer.bits, layer.group_size, layer.perm is not None, k, _cpu_isa if x.device.type == "cpu" else None)
+    if not kernel_check.STATE.path_ok(key, _path(x2.shape[0], x.device), lambda: _self_check(layer, dtype, x.device)):
+        return _gemm_reference_layer(x, layer)
+    return _run_kernel(x2, layer, dtype).to(x.dtype).reshape(*x.shape[:-1], layer.qweight.shape[1])
 
-    group_size = kernel[GROUP_SIZE_KEY].shape[1]
-    perm = kernel.get(PERM_KEY)
-    qw = kernel.get(QWEIGHT_KEY, qweight)
-    n = qweight.shape[1]
-    x2 = x.reshape(-1, k).to(dtype)
-    s = scales.to(dtype)
-    b = bias.to(dtype) if bias is not None else None
-    min_m = CUDA_DEQUANT_MIN_M if x.is_cuda else CPU_DEQUANT_MIN_M
-    if x2.shape[0] >= min_m:
-        mm_dtype = dtype if x.is_cuda else torch.float32
-        w = torch.ops.bluelm_quant.dequantize_4bit(qw, qzeros, s, group_size, mm_dtype)
-        xp = (x2 if perm is None else x2.index_select(1, perm)).to(mm_dtype)
-        y = torch.matmul(xp, w) if b is None else torch.addmm(b.to(mm_dtype), xp, w)
-    else:
-        y = torch.ops.bluelm_quant.gemm_4bit(x2, qw, qzeros, s, perm, group_size, b)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+# --- int8 weights (the quantized lm_head) -------------------------------------------------------
+
+# From this many activation rows on, placement.Int8Linear dequantizes chunks of rows and calls
+# torch.matmul instead of the int8 kernel. SmolLM2's 49152x576 head, load ~10, best of 5 ms,
+# int8 kernel / chunked: 1 thread M=1 7.3/134, M=16 33/106, M=64 71/133, M=128 202/155;
+# 2 threads M=64 130/299, M=128 269/404.
+CPU_INT8_DEQUANT_MIN_M = 128
+
+
+def int8_kernel_runs(x: torch.Tensor) -> bool:
+    """Whether `gemm_int8` has a kernel for activations x (else the caller's own matmul path)."""
+    return (
+        _ext is not None
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and x.numel() < CPU_INT8_DEQUANT_MIN_M * x.shape[-1]
+    )
+
+
+def gemm_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """y = x @ (scale[:, None] * weight).T (+ bias) on the CPU kernel, in x's dtype.
+
+    x [..., K] float32/bfloat16/float16 (float16 computed in float32); weight int8 [N, K]
+    (nn.Linear's layout); scale [N] and bias [N] any float dtype. Check `int8_kernel_runs(x)`
+    first: this raises QuantOpError where there is no kernel.
+    """
+    if not int8_kernel_runs(x):
+        why = _ext_error if _ext is None else f"{x.dtype} on {x.device}, {x.numel() // max(x.shape[-1], 1)} rows"
+        raise QuantOpError(f"gemm_int8: no int8 kernel for these activations ({why}); check ops.int8_kernel_runs(x)")
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise QuantOpError(f"gemm_int8: weight must be a 2-D int8 tensor [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    check_activation(x, weight, weight.shape[1])
+    dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+    _check_cpu_threads()
+    y = torch.ops.bluelm_quant.gemm_int8(
+        x.reshape(-1, weight.shape[1]).to(dtype), weight, scale.to(dtype), None if bias is None else bias.to(dtype)
+    )
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 __all__ = [
+    "QLayer",
     "QuantOpError",
     "backend",
+    "cpu_isa",
     "check_layer",
+    "dequantize",
     "dequantize_reference",
     "gemm",
+    "gemm_int8",
     "gemm_reference",
+    "int8_kernel_runs",
     "pack_multiple",
     "prepare",
+    "set_cpu_isa",
+    "standard_qweight",
 ]

@@ -33,13 +33,14 @@ from .layer_job import LayerJob, LayerResult, LayerRun, NonFiniteActivationError
 from .lock import output_lock
 from .modeldir import ModelDir
 from .models import ModelSpec, UnsupportedModelError, spec_for
+from .outputs import writing
 from .packing import pack_multiple
 from .placement import resolve_device
 from .report import write_report
 from .saving import DEFAULT_MAX_SHARD
 from .shards import CheckpointError
 from .skeleton import build_skeleton, materialize, read_copy
-from .workdir import WorkDir, writing
+from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
 

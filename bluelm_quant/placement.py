@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
+
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -118,10 +120,12 @@ class CPUEmbedding(nn.Module):
 class Int8Linear(nn.Module):
     """y = x @ (scale[:, None] * q).T, q int8 [N, K] symmetric per output row, no bias.
 
-    The weight is dequantized CHUNK_ROWS rows at a time, so no full-precision copy of it
-    ever exists (64 MB of temporaries for BlueLM's 100096 x 4096 head in fp16). torch's
-    fused CPU op (_weight_int8pack_mm) was measured slower at every batch size here
-    (SmolLM2's 49152 x 576 head, 1 thread: M=1 26 ms vs 22 ms chunked, M=64 2.5 s vs 80 ms).
+    On the CPU, below ops.CPU_INT8_DEQUANT_MIN_M rows, the int8 kernel (ops.gemm_int8)
+    reads the int8 weight as it is. Otherwise the weight is dequantized CHUNK_ROWS rows at
+    a time, so no full-precision copy of it ever exists (64 MB of temporaries for BlueLM's
+    100096 x 4096 head in fp16). torch's fused CPU op (_weight_int8pack_mm) was measured
+    slower at every batch size here (SmolLM2's 49152 x 576 head, 1 thread: M=1 26 ms vs
+    22 ms chunked, M=64 2.5 s vs 80 ms).
     """
 
     CHUNK_ROWS = 8192
@@ -150,6 +154,8 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ops.int8_kernel_runs(x):
+            return ops.gemm_int8(x, self.weight_int8, self.weight_scale)
         x2 = x.reshape(-1, self.in_features)
         parts = []
         for i in range(0, self.out_features, self.CHUNK_ROWS):

@@ -52,18 +52,22 @@ def find_params(
     sym: bool,
     mse_clip: bool = False,
     scale_dtype: torch.dtype = torch.float16,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero per row of w [N, cols] -> (scale [N] float32, zero [N] float32).
 
     The grid always contains 0 (as GPTQ's). Asymmetric zeros are kept >= 1 so that
     they can be stored in the v1 checkpoint format (which stores zero - 1).
+    weights [cols]: with mse_clip, how much each column's error counts (GPTQ passes the
+    Hessian diagonal: the mean square of that input, so the search minimises the
+    output error rather than the weight error).
     """
     maxq = 2**bits - 1
     w = w.float()
     xmin = torch.clamp(w.min(dim=1).values, max=0)
     xmax = torch.clamp(w.max(dim=1).values, min=0)
     if mse_clip:
-        return _mse_params(w, xmin, xmax, bits, sym, scale_dtype)
+        return _mse_params(w, xmin, xmax, bits, sym, scale_dtype, weights)
     return _grid(xmin, xmax, maxq, sym, scale_dtype)
 
 
@@ -89,8 +93,9 @@ def _grid(xmin, xmax, maxq, sym, scale_dtype):
     return scale, zero
 
 
-def _mse_params(w, xmin, xmax, bits, sym, scale_dtype):
-    """Shrink the range while it lowers sum |w - Q(w)|^2.4 (GPTQ's clipping search)."""
+def _mse_params(w, xmin, xmax, bits, sym, scale_dtype, weights=None):  # noqa: PLR0913 (find_params' arguments)
+    """Shrink the range while it lowers sum |w - Q(w)|^2.4 (GPTQ's clipping search), each
+    column's error times its weight when given."""
     maxq = 2**bits - 1
     best = torch.full((w.shape[0],), float("inf"), device=w.device)
     best_scale, best_zero = _grid(xmin, xmax, maxq, sym, scale_dtype)
@@ -98,7 +103,8 @@ def _mse_params(w, xmin, xmax, bits, sym, scale_dtype):
         p = 1 - i / MSE_GRID
         scale, zero = _grid(p * xmin, p * xmax, maxq, sym, scale_dtype)
         q = dequantize(quantize(w, scale[:, None], zero[:, None], maxq), scale[:, None], zero[:, None])
-        err = (q - w).abs_().pow_(MSE_NORM).sum(dim=1)
+        err = (q - w).abs_().pow_(MSE_NORM)
+        err = (err if weights is None else err * weights).sum(dim=1)
         better = err < best
         best = torch.where(better, err, best)
         best_scale = torch.where(better, scale, best_scale)

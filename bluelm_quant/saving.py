@@ -88,11 +88,12 @@ def write_shards(items: Iterable[tuple[str, torch.Tensor]], out_dir: str, max_sh
     write_json(os.path.join(out_dir, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def copy_model_files(source_dir: str, out_dir: str) -> None:
-    """Tokenizer, generation config, license... everything but weights and configs."""
+def copy_model_files(source_dir: str, out_dir: str, skip_suffixes: tuple[str, ...] = ()) -> None:
+    """Tokenizer, generation config, license... everything but weights, configs and `skip_suffixes`."""
+    skip = WEIGHT_FILE_SUFFIXES + tuple(skip_suffixes)
     for name in sorted(os.listdir(source_dir)):
         path = os.path.join(source_dir, name)
-        if not os.path.isfile(path) or name in NOT_COPIED or name.endswith(WEIGHT_FILE_SUFFIXES) or name.startswith("."):
+        if not os.path.isfile(path) or name in NOT_COPIED or name.endswith(skip) or name.startswith("."):
             continue
         shutil.copy2(path, os.path.join(out_dir, name))
 

@@ -51,7 +51,7 @@ def swap_quant_linears(model: nn.Module, model_dir: ModelDir, dtype: torch.dtype
         raise CheckpointError(f"quantized tensors for modules the model does not have: {unknown[:5]}")
     for name in quantized:
         layer = _empty_quant_linear(name, linears[name], reader, config, legacy, dtype)
-        _check_shapes(name, reader, layer, g_idx_optional=legacy or not config.desc_act)
+        _check_shapes(name, reader, layer, g_idx_optional=legacy or config.act_order != "dynamic")
         set_module(model, name, layer)
     return quantized
 
@@ -93,8 +93,9 @@ def _group_size(name: str, in_features: int, groups: int, config: QuantConfig, l
 
 
 def _check_shapes(name: str, reader: ShardReader, layer: QuantLinear, g_idx_optional: bool) -> None:
-    """g_idx_optional: the legacy layout has none, and without act-order the default order
-    (column i in group i // group_size) is what the config means; finish_quant_linear builds it."""
+    """g_idx_optional: the legacy layout has none, and without dynamic act-order (off, or static:
+    groups fixed before reordering) the default order (column i in group i // group_size) is what
+    the config means; finish_quant_linear builds it."""
     for suffix in QUANT_SUFFIXES + (("bias",) if layer.bias is not None else ()):
         key = f"{name}.{suffix}"
         if key not in reader:
@@ -102,7 +103,7 @@ def _check_shapes(name: str, reader: ShardReader, layer: QuantLinear, g_idx_opti
                 continue
             if suffix == "g_idx":
                 raise CheckpointError(
-                    f"tensor {key} is missing, but the quantization config says desc_act=true (act-order): "
+                    f"tensor {key} is missing, but the quantization config says desc_act=true (dynamic act-order): "
                     "without g_idx the group of each input column is unknown and the model would output "
                     "garbage. Re-export the checkpoint with its g_idx tensors"
                 )

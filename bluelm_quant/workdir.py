@@ -7,29 +7,27 @@ A layer file appears only once it is complete (written to a temporary name, fsyn
 renamed), so after a kill -9 every file present is whole. The final checkpoint is
 assembled in `<out>.partial/final/` and renamed to `<out>` as the last step.
 
-Deleting is where a tool loses a user's data, so nothing is deleted that this tool did not
-write: an output that is (or contains) the source model is refused outright, `--overwrite`
-replaces only a quantized checkpoint, and a `<out>.partial` is removed only when it holds
-this layout and nothing else. A failed write (read-only directory, disk full) is one
-OutputError saying what to do; finished layer files are kept for --resume.
+Nothing is deleted that this tool did not write (outputs.py: the source model and
+--overwrite), and a `<out>.partial` is removed only when it holds this layout and nothing
+else. A failed write (read-only directory, disk full) is one OutputError saying what to
+do; finished layer files are kept for --resume.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import follow_umask, fsync_dir, fsync_tree, write_json
+from .outputs import OutputError, check_not_source, check_replaceable, writing
 
 log = logging.getLogger(__name__)
 
@@ -38,41 +36,10 @@ SETTINGS_FILE = "settings.json"
 # What a partial run holds: settings.json, layers/, final/, and write_json's temporaries.
 PARTIAL_ENTRIES = {SETTINGS_FILE, "layers", "final"}
 LAYER_FILE = re.compile(r"layer_\d{4}\.safetensors(\.tmp)?$")
-# A checkpoint --overwrite may replace: what saving.write_configs writes first.
-CHECKPOINT_MARKER = "quantize_config.json"
 
 
 class ResumeError(ValueError):
     """A partial run cannot be continued with these settings."""
-
-
-class OutputError(RuntimeError):
-    """The output cannot be written or replaced: it holds the source model or files this
-    tool did not write, or the file system refused a write."""
-
-
-def write_failure(e: BaseException, path: str) -> str:
-    """One line for a failed write under `path`: what happened and what to do."""
-    text = str(e)
-    no_space = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text \
-        or "StorageFull" in text
-    if no_space:
-        return (f"no space left on the device holding {path} ({text}); free some space, then run the same "
-                "command with --resume: the finished layers are kept")
-    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (f"cannot write {e.filename or path}: {e.strerror}; choose an --out in a directory you can write to "
-                "(or fix its permissions)")
-    where = getattr(e, "filename", None) or path
-    return f"cannot write {where}: {getattr(e, 'strerror', None) or text}"
-
-
-@contextlib.contextmanager
-def writing(path: str) -> Iterator[None]:
-    """Turn a failed write (OSError, safetensors' SafetensorError) under `path` into an OutputError."""
-    try:
-        yield
-    except (OSError, SafetensorError) as e:
-        raise OutputError(write_failure(e, path)) from e
 
 
 class WorkDir:
@@ -86,23 +53,15 @@ class WorkDir:
         return os.path.lexists(self.path)
 
     def check_source(self, source: str) -> None:
-        """Refuse an output that is, or contains, the source model: replacing it would delete the source."""
-        src = os.path.realpath(source)
-        for victim in (self.out_dir, self.path):
-            real = os.path.realpath(victim)
-            if src == real or src.startswith(real + os.sep):
-                relation = "is" if src == real else "contains"
-                raise OutputError(
-                    f"the output {victim} {relation} the source model {source}; writing there would delete it. "
-                    "Choose an --out outside the source model's directory"
-                )
+        """Refuse an output (or partial directory) that is, is inside, or contains the source model."""
+        check_not_source(source, self.out_dir, self.path)
 
     def start(self, settings: dict, resume: bool, overwrite: bool) -> int:
         """Prepare the directory; returns how many leading layers are already done."""
         if os.path.lexists(self.out_dir):
             if not overwrite:
                 raise FileExistsError(f"{self.out_dir} already exists; pass --overwrite to replace it, or choose another --out")
-            self._check_replaceable()
+            check_replaceable(self.out_dir)
         if self.exists():
             self._check_ours()
             if not resume and not overwrite:
@@ -123,21 +82,6 @@ class WorkDir:
             os.makedirs(self.layers_dir, exist_ok=True)
             shutil.rmtree(self.final_dir, ignore_errors=True)
         return self.done_layers()
-
-    def _check_replaceable(self) -> None:
-        """--overwrite replaces an empty directory or a quantized checkpoint, nothing else."""
-        out = self.out_dir
-        if not os.path.isdir(out) or os.path.islink(out):
-            raise OutputError(f"--out {out} exists and is not a directory; --overwrite replaces only a checkpoint "
-                              "directory. Remove it yourself if you mean to, or choose another --out")
-        entries = os.listdir(out)
-        subdirs = sorted(e for e in entries if os.path.isdir(os.path.join(out, e)))
-        if entries and (CHECKPOINT_MARKER not in entries or subdirs):
-            why = f"it has subdirectories ({', '.join(subdirs[:3])})" if subdirs else f"it has no {CHECKPOINT_MARKER}"
-            raise OutputError(
-                f"--out {out} exists and does not look like a quantized checkpoint ({why}); --overwrite replaces "
-                "only those, so nothing was deleted. Remove it yourself if you mean to, or choose another --out"
-            )
 
     def _check_ours(self) -> None:
         """A partial directory is deleted (--overwrite, or after finishing) only if it has our layout."""
@@ -229,7 +173,7 @@ class WorkDir:
             fsync_tree(self.final_dir)
             old = None
             if os.path.lexists(self.out_dir):
-                self._check_replaceable()  # checked at start; the directory may have changed since
+                check_replaceable(self.out_dir)  # checked at start; the directory may have changed since
                 parent = os.path.dirname(self.out_dir)
                 old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(self.out_dir)}-", dir=parent)
                 os.rmdir(old)  # a fresh name that nothing else uses

@@ -108,6 +108,10 @@ Layer check_layer(const char* op, const Tensor& qweight, const Tensor& qzeros, c
   TORCH_CHECK(false, op, ": ", status_message(status), " [status ", status, "] for ", call);
 }
 
+// The kernels use torch's thread setting (torch.set_num_threads); cpu_kernels.cpp caps it
+// at the CPUs this process may run on (bluelm_quant.ops.gemm says so once).
+void use_torch_threads() { cpu::set_cpu_threads(at::get_num_threads()); }
+
 #ifdef QUANT_CUDA_WITH_CUDA
 void* current_stream(const at::Device& d) {
   return static_cast<void*>(c10::cuda::getCurrentCUDAStream(d.index()).stream());
@@ -161,7 +165,7 @@ Tensor gemm_4bit(const Tensor& x_in, const Tensor& qweight_in, const Tensor& qze
         TORCH_CHECK(perm_ptr[r] >= 0 && perm_ptr[r] < L.K, op, ": perm[", r, "]=", perm_ptr[r],
                     " is not an input row index in [0, ", L.K, ")");
     }
-    cpu::set_cpu_threads(at::get_num_threads());
+    use_torch_threads();
     status = gemm_4bit_cpu(x.data_ptr(), qweight.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), scales.data_ptr(),
                            perm_ptr, bias_ptr, out.data_ptr(), M, L.K, L.N, group_size, dtype);
   }
@@ -192,7 +196,7 @@ Tensor dequantize_4bit(const Tensor& qweight_in, const Tensor& qzeros_in, const 
   Tensor out = at::empty({L.K, L.N}, scales.options());
   int status = kBadDType;
   if (dev.is_cpu()) {
-    cpu::set_cpu_threads(at::get_num_threads());
+    use_torch_threads();
     status = dequantize_4bit_cpu(qweight.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), scales.data_ptr(),
                                  out.data_ptr(), L.K, L.N, group_size, kernel_dtype(dtype));
   }
@@ -210,6 +214,56 @@ Tensor dequantize_4bit(const Tensor& qweight_in, const Tensor& qzeros_in, const 
   return out;
 }
 
+// y = x @ (scale[:, None] * weight).T (+ bias), weight int8 [N, K]: the quantized lm_head.
+Tensor gemm_int8(const Tensor& x_in, const Tensor& weight_in, const Tensor& scale_in,
+                 const std::optional<Tensor>& bias_in) {
+  const char* op = "bluelm_quant::gemm_int8";
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x_in.sizes(),
+              " (bluelm_quant.ops.gemm_int8 flattens [..., K])");
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.scalar_type() == at::kChar, op,
+              ": weight must be a 2-D int8 tensor [N, K], got ", weight_in.scalar_type(), " of shape ",
+              weight_in.sizes());
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0);
+  TORCH_CHECK(weight_in.size(1) == K, op, ": x has K=", K, " (shape ", x_in.sizes(), ") but weight ",
+              weight_in.sizes(), " holds K=", weight_in.size(1), " input features");
+  TORCH_CHECK(K >= 1 && K <= kInt8MaxK, op, ": K=", K, " must lie in [1, ", kInt8MaxK, "] for the int8 kernel");
+  const at::Device dev = x_in.device();
+  TORCH_CHECK(dev.is_cpu() && weight_in.device() == dev && scale_in.device() == dev, op,
+              ": the int8 kernel runs on the CPU; got x on ", dev, ", weight on ", weight_in.device(), ", scale on ",
+              scale_in.device());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x_in.scalar_type());
+  TORCH_CHECK(scale_in.dim() == 1 && scale_in.size(0) == N && scale_in.scalar_type() == x_in.scalar_type(), op,
+              ": scale must be ", x_in.scalar_type(), " [N] = [", N, "], got ", scale_in.scalar_type(), " of shape ",
+              scale_in.sizes());
+  if (bias_in) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N && bias_in->scalar_type() == x_in.scalar_type() &&
+                    bias_in->device() == dev,
+                op, ": bias must be ", x_in.scalar_type(), " [N] = [", N, "] on ", dev, ", got ",
+                bias_in->scalar_type(), " of shape ", bias_in->sizes(), " on ", bias_in->device());
+  }
+  Tensor out = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return out;
+  const Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), scale = scale_in.contiguous();
+  const Tensor bias = bias_in ? bias_in->contiguous() : Tensor();
+  use_torch_threads();
+  const int status = gemm_int8_cpu(x.data_ptr(), weight.data_ptr<int8_t>(), scale.data_ptr(),
+                                   bias.defined() ? bias.data_ptr() : nullptr, out.data_ptr(), M, K, N,
+                                   kernel_dtype(x.scalar_type()));
+  if (status != kOk)
+    fail_status(op, status, dev, c10::str("x ", x.scalar_type(), x.sizes(), ", weight ", weight.sizes()));
+  return out;
+}
+
+// Read-bandwidth probe for tools/bench_kernels.py (kernels.h read_probe_cpu).
+int64_t read_probe(const Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.nbytes() % 8 == 0,
+              "bluelm_quant::read_probe: x must be a contiguous CPU tensor of a multiple of 8 bytes, got ",
+              x.device(), " ", x.sizes(), x.is_contiguous() ? "" : " (not contiguous)");
+  use_torch_threads();
+  return int64_t(read_probe_cpu(x.data_ptr(), int64_t(x.nbytes())) & 0x7FFFFFFFFFFFFFFFull);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bluelm_quant, m) {
@@ -220,11 +274,17 @@ TORCH_LIBRARY(bluelm_quant, m) {
   // W^T [K, N] (rows in qweight's order) in dtype (default: scales' dtype).
   m.def("dequantize_4bit(Tensor qweight, Tensor qzeros, Tensor scales, int group_size, ScalarType? dtype=None) "
         "-> Tensor");
+  // y[M, N] = x[M, K] @ (scale[:, None] * weight).T (+ bias); weight int8 [N, K], scale [N]. CPU only.
+  m.def("gemm_int8(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
+  // Reads all of x on the kernels' thread pool (for benchmarks: the bandwidth they can reach). CPU only.
+  m.def("read_probe(Tensor x) -> int");
 }
 
 TORCH_LIBRARY_IMPL(bluelm_quant, CPU, m) {
   m.impl("gemm_4bit", &gemm_4bit);
   m.impl("dequantize_4bit", &dequantize_4bit);
+  m.impl("gemm_int8", &gemm_int8);
+  m.impl("read_probe", &read_probe);
 }
 
 #ifdef QUANT_CUDA_WITH_CUDA
@@ -235,10 +295,38 @@ TORCH_LIBRARY_IMPL(bluelm_quant, CUDA, m) {
 #endif
 
 // A plain Python module (no pybind11): importing it runs the registrations above. Its
-// attributes say what was built, for bluelm_quant.ops.backend().
+// attributes say what was built, for bluelm_quant.ops.backend(); its two functions choose
+// the CPU body (bluelm_quant.ops.set_cpu_isa wraps them).
+namespace {
+PyObject* py_get_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(quant_cuda::cpu::isa_name(quant_cuda::cpu::active_isa()));
+}
+
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  quant_cuda::cpu::Isa isa;
+  if (!name || !quant_cuda::cpu::parse_isa(name, &isa)) {
+    PyErr_Clear();
+    PyErr_Format(PyExc_ValueError, "unknown CPU kernel path %R: use 'amx', 'avx512', 'avx2', 'scalar' or 'best'",
+                 arg);
+    return nullptr;
+  }
+  return PyUnicode_FromString(quant_cuda::cpu::isa_name(quant_cuda::cpu::select_isa(isa)));
+}
+
+PyMethodDef kMethods[] = {
+    {"get_cpu_isa", py_get_cpu_isa, METH_NOARGS,
+     "get_cpu_isa() -> the CPU body in use: 'amx', 'avx512', 'avx2' or 'scalar'"},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O,
+     "set_cpu_isa(name) -> the body now in use: the best one not above `name` ('amx', 'avx512', 'avx2', 'scalar'; "
+     "'best') that this CPU runs"},
+    {nullptr, nullptr, 0, nullptr},
+};
+}  // namespace
+
 extern "C" PyMODINIT_FUNC PyInit_quant_cuda(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "quant_cuda",
-                            "bluelm-quant 4-bit kernels; the ops are torch.ops.bluelm_quant.*", -1, nullptr};
+                            "bluelm-quant 4-bit kernels; the ops are torch.ops.bluelm_quant.*", -1, kMethods};
   PyObject* mod = PyModule_Create(&def);
   if (!mod) return nullptr;
 #ifdef QUANT_CUDA_WITH_CUDA
@@ -248,7 +336,7 @@ extern "C" PyMODINIT_FUNC PyInit_quant_cuda(void) {
 #endif
   if (PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(with_cuda)) < 0 ||
       PyModule_AddStringConstant(mod, "cuda_archs", kBuiltArchs) < 0 ||
-      PyModule_AddStringConstant(mod, "cpu_isa", cpu::cpu_isa()) < 0) {
+      PyModule_AddStringConstant(mod, "cpu_isa_detected", cpu::isa_name(cpu::detected_isa())) < 0) {
     Py_DECREF(mod);
     return nullptr;
   }

@@ -19,17 +19,32 @@ import shutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-CPU_SOURCES = ("bindings.cpp", "status.cpp", "cpu_kernels.cpp", "cpu_kernels_avx2.cpp", "cpu_kernels_scalar.cpp")
+CPU_SOURCES = (
+    "bindings.cpp",
+    "status.cpp",
+    "cpu_isa.cpp",
+    "cpu_threads.cpp",
+    "cpu_kernels.cpp",
+    "cpu_kernels_amx.cpp",
+    "cpu_kernels_avx512.cpp",
+    "cpu_kernels_avx2.cpp",
+    "cpu_kernels_scalar.cpp",
+    "cpu_int8.cpp",
+    "cpu_int8_avx512.cpp",
+    "cpu_int8_fp32.cpp",
+)
 REQUIRED_CUDA_SOURCES = ("gemm_4bit.cu",)
 # Turing .. Hopper; CUDA 13 dropped sm_70/72 ("Unsupported gpu architecture 'compute_70'").
 DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0"
 
-# No -mavx2/-mfma here: the AVX2 functions carry target attributes and are picked at
-# run time (cpu_kernels.cpp), so the .so also runs on CPUs without AVX2. A global
-# -mavx2 would let the compiler vectorize the scalar fallback and torch's inline code
-# with AVX2 and crash there.
-# C++ standard: torch.utils.cpp_extension adds the one its headers need (C++20 for 2.13+).
-CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+# No -mavx512*/-mavx2/-mfma here: the AVX-512 and AVX2 functions carry target attributes
+# and are picked at run time (cpu_isa.cpp), so the .so also runs on CPUs without them. A
+# global -mavx2 would let the compiler vectorize the scalar fallback and torch's inline
+# code with AVX2 and crash there.
+# No -fopenmp: the kernels run on their own thread pool (cpu_threads.cpp).
+# C++ standard: torch.utils.cpp_extension adds the one its headers need (C++20 for 2.13+;
+# cpu_threads.cpp needs C++20 for std::atomic::wait).
+CXX_FLAGS = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
 # The .cu files are torch-free and written against the plain CUDA headers (they also build
 # with a bare nvcc); undo the __half/__nv_bfloat16 operator bans torch adds for ATen code.
 # torch puts these extra flags after its own, so the -U wins.
@@ -43,7 +58,7 @@ NVCC_FLAGS = [
     "-U__CUDA_NO_HALF2_OPERATORS__",
     "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
 ]
-LINK_FLAGS = ["-fopenmp"]
+LINK_FLAGS = ["-pthread"]
 
 
 class BuildConfigError(RuntimeError):

@@ -1,6 +1,6 @@
 // AVX2 + FMA bodies of the CPU kernels. Compiled without -mavx2: every function here
 // carries a target attribute instead, so the rest of the extension (and the scalar
-// fallback) stays baseline x86-64 and the .so loads on any CPU; cpu_kernels.cpp calls
+// fallback) stays baseline x86-64 and the .so loads on any CPU; cpu_isa.cpp enables
 // these only after __builtin_cpu_supports says AVX2 and FMA are there. For the same
 // reason this file must not instantiate std templates (they would be emitted as AVX2
 // code that the linker may pick for other files).
@@ -172,7 +172,7 @@ QC_AVX2 void dequant_packed_row_avx2(const int32_t* qweight, const int32_t* qzer
 }  // namespace cpu
 }  // namespace quant_cuda
 
-#else  // not x86: cpu_has_avx2_fma() is false, these are never called.
+#else  // not x86: detected_isa() is never kIsaAvx2, these are never called.
 #include "cpu_kernels.h"
 namespace quant_cuda {
 namespace cpu {

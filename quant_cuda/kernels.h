@@ -41,6 +41,18 @@ int gemm_4bit_cpu(const void* x, const int32_t* qweight, const int32_t* qzeros,
 int dequantize_4bit_cpu(const int32_t* qweight, const int32_t* qzeros, const void* scales,
                         void* out, int64_t K, int64_t N, int64_t group_size, int dtype);
 
+// y[M, N] = x[M, K] @ (scale[:, None] * weight).T (+ bias): a quantized lm_head.
+// weight int8 [N, K] row-major (nn.Linear's layout), one scale per output row; x, scale,
+// bias [N] and out [M, N] in `dtype` (kFloat32 or kBFloat16). 1 <= K <= kInt8MaxK.
+constexpr int64_t kInt8MaxK = int64_t(1) << 18;  // keeps the AVX-512 int32 lane sums in range
+int gemm_int8_cpu(const void* x, const int8_t* weight, const void* scale, const void* bias, void* out,
+                  int64_t M, int64_t K, int64_t N, int dtype);
+
+// Reads `bytes` bytes at p (xor of its 64-bit words, so the reads cannot be optimised
+// away) on the kernels' thread pool and task hand-out: the read bandwidth the CPU kernels
+// can reach, for tools/bench_kernels.py. bytes % 8 == 0.
+uint64_t read_probe_cpu(const void* p, int64_t bytes);
+
 // ---- CUDA (built when the CUDA toolkit and a CUDA torch are present) ---------------
 // dtype: kFloat16 or kBFloat16. `stream` is a cudaStream_t passed as void*.
 int gemm_4bit_cuda(const void* x, const int32_t* qweight, const int32_t* qzeros,

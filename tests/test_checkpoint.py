@@ -267,6 +267,17 @@ def test_g_idx_may_be_omitted_without_act_order(tmp_path):
     assert torch.equal(load_quantized(out, dtype=torch.float32)(ids).logits, model(ids).logits)
 
 
+def test_static_act_order_checkpoint_may_omit_g_idx(tmp_path):
+    """Static act-order fixes the groups before reordering: g_idx is the default order, the
+    layout the plain one (desc_act false on disk), so a missing g_idx is not an error."""
+    model, config = _quantized_tiny(config=QuantConfig(bits=4, group_size=32, desc_act=True, static_groups=True))
+    ids = tokens()
+    out = str(tmp_path / "q")
+    save_quantized(model, out, config)
+    _rewrite(out, "model.layers.0.self_attn.q_proj.g_idx", lambda t: None)
+    assert torch.equal(load_quantized(out, dtype=torch.float32)(ids).logits, model(ids).logits)
+
+
 def test_gptq_tensors_without_any_quantization_config_say_what_is_missing(tmp_path):
     model, config = _quantized_tiny(config=QuantConfig(bits=4, group_size=32))
     out = str(tmp_path / "q")

@@ -21,6 +21,7 @@ from bluelm_quant.cli import quantize as quantize_cli
 from bluelm_quant.data import heldout_text
 from bluelm_quant.evaluate import perplexity
 from bluelm_quant.hf import load_model_and_tokenizer
+from bluelm_quant.outputs import OutputError
 from bluelm_quant.shards import CheckpointError
 
 from test_output_safety import refuse_writes_under
@@ -131,7 +132,7 @@ def test_quantize_disk_full(fp_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(workdir, "save_file", full)
     rc = quantize_cli.main(quantize_args(fp_dir, tmp_path / "q"))
     one_error_line(capsys, rc, r"no space left on the device holding .*q\.partial.*run the same command with --resume")
-    with pytest.raises(workdir.OutputError):  # --debug: the traceback, for a bug report
+    with pytest.raises(OutputError):  # --debug: the traceback, for a bug report
         quantize_cli.main(quantize_args(fp_dir, tmp_path / "q2", "--debug"))
 
 

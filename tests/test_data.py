@@ -1,6 +1,7 @@
 """Calibration windows: determinism, mixing, record formats and error messages."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,153 @@ def test_error_bad_json_and_unknown_format(tok, tmp_path):
         Source(odd, template="{question}", chat="bluelm")
     with pytest.raises(CalibrationDataError, match="not prompt/response pairs"):
         data.load_documents(Source(jsonl(tmp_path / "t.jsonl", [{"text": "x"}]), chat="bluelm"))
+
+
+# ---------------------------------------------------------------- named evaluation sets and mixes
+
+def _paragraphs(path):
+    return {p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()}
+
+
+def test_eval_sets_exist_and_out_of_domain_shares_nothing_with_any_calibration_source():
+    calib_files = {name.format(lang=lang) for name in data.CALIB_SOURCES.values() for lang in data.LANGS}
+    calib_text = {name: (data.TEXTS_DIR / name).read_text(encoding="utf-8") for name in calib_files}
+    for lang in data.LANGS:
+        assert list(data.eval_paths(lang, "in")) == [f"heldout_{lang}"]
+        assert data.eval_texts(lang, "in")[f"heldout_{lang}"] == data.heldout_text(lang)
+        out = data.eval_paths(lang, "out")
+        assert sorted(out) == [f"eval_gnomehelp_{lang}", f"eval_handbook_{lang}", f"eval_wesnoth_{lang}"]
+        for name, path in out.items():
+            assert 40_000 < path.stat().st_size <= 100_000, name  # >= 30 windows of 512 SmolLM2 tokens
+            paras = _paragraphs(path)
+            for calib_name, text in calib_text.items():
+                if calib_name.endswith(".txt"):
+                    assert not paras & set(text.split("\n\n")), (name, calib_name)
+                # A long sentence shared with any calibration file is an overlap too.
+                sentences = {s for s in re.split(r"(?<=[.。!?！？])\s*", path.read_text(encoding="utf-8"))
+                             if len(s) > 80}
+                assert not [s for s in sentences if s in text], (name, calib_name)
+    zh = data.eval_texts("zh", "out")
+    assert all(re.search(r"[\u4e00-\u9fff]{20}", t) for t in zh.values())
+    assert not re.search(r"[\u4e00-\u9fff]", "".join(data.eval_texts("en", "out").values()))
+
+
+def test_eval_windows_split_evenly_and_match_text_windows(tok):
+    from bluelm_quant.evaluate import text_windows
+
+    out = data.eval_windows(tok, "en", "out", seqlen=64, max_windows=5)
+    assert [w.shape for w in out.values()] == [(2, 64), (2, 64), (1, 64)]
+    for name, w in out.items():
+        assert torch.equal(w, text_windows(tok, data.eval_texts("en", "out")[name], 64, w.shape[0]))
+    held = data.eval_windows(tok, "zh", "in", seqlen=128, max_windows=4)
+    assert torch.equal(held["heldout_zh"], text_windows(tok, data.heldout_text("zh"), 128, 4))
+    every = data.eval_windows(tok, "en", "in", seqlen=4096)
+    assert every["heldout_en"].shape[0] == len(data.heldout_text("en").encode()) // 4096
+
+
+def test_eval_windows_bad_input(tok):
+    with pytest.raises(ValueError, match=r"domain='mid' must be one of \('in', 'out'\)"):
+        data.eval_windows(tok, "en", "mid")
+    with pytest.raises(ValueError, match="lang='fr'"):
+        data.eval_paths("fr", "out")
+    with pytest.raises(ValueError, match=r"max_windows=2: zh/out has 3 files"):
+        data.eval_windows(tok, "zh", "out", seqlen=64, max_windows=2)
+    with pytest.raises(ValueError, match=r"eval_handbook_en gives 1 windows of seqlen=50000, 2 asked"):
+        data.eval_windows(tok, "en", "out", seqlen=50_000, max_windows=4)
+
+
+def test_calibration_mixes(tok):
+    assert data.calibration_mix() == data.default_sources()
+    names = [Path(s.path).name for s in data.calibration_mix("diverse", chat="bluelm")]
+    assert names == ["calib_en.txt", "calib_zh.txt", "calib_faq_en.txt", "calib_faq_zh.txt",
+                     "calib_maintguide_en.txt", "calib_maintguide_zh.txt",
+                     "calib_chat_en.jsonl", "calib_chat_zh.jsonl"]
+    chat = data.calibration_mix("chat", chat="bluelm")
+    assert all(s.chat == "bluelm" for s in chat)
+    docs = data.load_documents(chat[1])
+    assert len(docs) == 40 and all(d.startswith("[|Human|]:") and d.endswith("</s>") for d in docs)
+    assert re.search(r"[\u4e00-\u9fff]{10}", docs[0])
+    w = calibration_windows(tok, data.calibration_mix("diverse", chat="bluelm"), nsamples=16, seqlen=128)
+    assert w.shape == (16, 128)
+    with pytest.raises(ValueError, match=r"calibration mix 'web' is not one of \['chat', 'default'"):
+        data.calibration_mix("web")
+
+
+# ---------------------------------------------------------------- overlap warnings
+
+def test_overlap_counts_windows_sharing_a_span():
+    from bluelm_quant.overlap import count_overlapping, find_overlaps
+
+    gen = torch.Generator().manual_seed(0)
+    stream = torch.randint(0, 1000, (5000,), generator=gen)
+    windows = torch.randint(0, 1000, (6, 100), generator=gen)
+    assert count_overlapping(windows, stream, ngram=16) == 0
+    windows[2, 10:30] = stream[700:720]   # 20 shared tokens: a 16-gram, not a 32-gram
+    windows[4, 50:100] = stream[100:150]
+    assert count_overlapping(windows, stream, ngram=16) == 2
+    assert count_overlapping(windows, stream, ngram=32) == 1
+    assert count_overlapping(windows[:, :10], stream, ngram=16) == 0  # shorter than a span
+    found = find_overlaps({"eval": windows}, {"calib": stream, "other": stream + 1000}, ngram=16)
+    assert [(o.a, o.b, o.windows, o.total) for o in found] == [("eval", "calib", 2, 6)]
+    among = find_overlaps({"a": windows, "b": stream, "c": stream + 1000}, ngram=16)
+    assert [(o.a, o.b, o.windows, o.total) for o in among] == [("a", "b", 2, 6)]
+
+
+def test_eval_overlapping_calibration_warns_with_both_names(tok, tmp_path, caplog):
+    held = data.heldout_text("en")
+    copied = write(tmp_path / "copied.txt", "Unrelated words. " * 40 + held[3000:4000])
+    clean = write(tmp_path / "clean.txt", "Unrelated words, nothing else. " * 200)
+    ev = data.eval_windows(tok, "en", "in", seqlen=512, max_windows=16)
+    with caplog.at_level("WARNING", logger="bluelm_quant"):
+        found = data.check_eval_overlap(tok, ev, [copied, clean])
+    assert [(o.a, o.b) for o in found] == [("heldout_en", str(copied))]
+    assert 2 <= found[0].windows <= 3 and found[0].total == 16  # ~1000 bytes span 2-3 windows
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "'heldout_en'" in msg and "copied.txt" in msg and f"{found[0].windows} of 16 windows" in msg
+    assert "not measured on unseen text" in msg
+
+
+def test_calibration_sources_that_overlap_warn(tok, tmp_path, caplog):
+    a = write(tmp_path / "a.txt", "".join(f"alpha sentence {i}. " for i in range(400)))
+    b = write(tmp_path / "b.txt", "".join(f"beta phrase {i}! " for i in range(400)))
+    with caplog.at_level("WARNING", logger="bluelm_quant"):
+        calibration_windows(tok, [a, b], nsamples=8, seqlen=128)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="bluelm_quant"):
+        plain = calibration_windows(tok, [a, b, a], nsamples=9, seqlen=128)
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert msg.startswith(f"'{a}' and '{a}' overlap: 3 of 3 windows") and "weighs double" in msg
+    caplog.clear()
+    # The check only reads: the windows are those of an unchecked run with the same seed.
+    with caplog.at_level("ERROR", logger="bluelm_quant"):
+        assert torch.equal(plain, calibration_windows(tok, [a, b, a], nsamples=9, seqlen=128))
+
+
+def test_bundled_sets_do_not_trigger_overlap_warnings(tok, caplog):
+    # Byte tokens: 64 bytes is ~10 English words, stricter than 64 SmolLM2 tokens.
+    ev = {}
+    for lang in data.LANGS:
+        ev.update(data.eval_windows(tok, lang, "out", seqlen=512, max_windows=16))
+    with caplog.at_level("WARNING", logger="bluelm_quant"):
+        found = data.check_eval_overlap(tok, ev, data.calibration_mix("diverse", chat="bluelm"))
+    assert found == [] and not caplog.records
+
+
+@pytest.mark.slow
+def test_out_of_domain_sets_with_the_smollm2_tokenizer():
+    """What texts/SOURCES.md promises, with the tokenizer the quality tables use: every
+    out-of-domain file holds >= 38 windows of 512 tokens (16 per language split over the
+    files never runs out), and no window of any shares a 64-token span with any bundled
+    calibration source."""
+    from transformers import AutoTokenizer
+
+    from bluelm_quant.smollm2 import ensure_smollm2
+
+    smol = AutoTokenizer.from_pretrained(ensure_smollm2())
+    ev = {}
+    for lang in data.LANGS:
+        ev.update(data.eval_windows(smol, lang, "out", seqlen=512))
+    assert min(w.shape[0] for w in ev.values()) >= 38, {n: w.shape[0] for n, w in ev.items()}
+    assert data.check_eval_overlap(smol, ev, data.calibration_mix("diverse")) == []

@@ -20,10 +20,10 @@ from bluelm_quant import atomic
 from bluelm_quant.config import QuantConfig
 from bluelm_quant.lock import OutputLockError, lock_path
 from bluelm_quant.layer_job import LayerJob
+from bluelm_quant.outputs import OutputError
 from bluelm_quant.pipeline import RunOptions, quantize_model
 from bluelm_quant.saving import save_quantized
 from bluelm_quant.shards import CheckpointError
-from bluelm_quant.workdir import OutputError
 
 from tiny_models import save_tiny_llama_dir, tiny_llama, tokens
 
@@ -162,12 +162,12 @@ def test_the_lock_is_held_for_the_whole_run(fp_dir, tmp_path, monkeypatch):
 # --- --overwrite never deletes what this tool did not write --------------------------------
 
 
-def test_output_equal_to_or_containing_the_source_is_refused(tmp_path):
+def test_output_equal_to_inside_or_containing_the_source_is_refused(tmp_path):
     parent = tmp_path / "models"
     src = save_tiny_llama_dir(str(parent / "tiny"), num_hidden_layers=1)
     (parent / "notes.txt").write_text("mine")
     before = tree(str(parent))
-    for out, relation in ((src, "is"), (str(parent), "contains")):
+    for out, relation in ((src, "is"), (str(parent), "contains"), (os.path.join(src, "q"), "is inside")):
         for opts in ({}, {"overwrite": True}, {"resume": True, "overwrite": True}):
             with pytest.raises(OutputError, match=rf"{out} {relation} the source model .*outside"):
                 run(src, out, **opts)

@@ -78,3 +78,43 @@ def test_replace_linear_rtn_keeps_lm_head_and_tracks_logits():
     assert isinstance(model.lm_head, nn.Linear)
     after = model(ids).logits
     assert (after - before).abs().max() < 0.05 * before.abs().max()
+
+
+def _act_order_layer(k=256, n=48, gs=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    qw = rtn(torch.randn(n, k, generator=gen), QuantConfig(group_size=gs, sym=False))
+    qw.g_idx = (torch.argsort(torch.randperm(k, generator=gen)) // gs).to(torch.int32)
+    return qw, QuantLinear.from_quantized(qw, gs, bias=torch.randn(n, generator=gen), dtype=torch.float32)
+
+
+def test_act_order_keeps_one_copy_and_saves_the_standard_layout():
+    from bluelm_quant.packing import pack_qweight
+
+    qw, q = _act_order_layer()
+    standard = pack_qweight(qw.codes.T, 4)
+    if ops._ext is not None:  # the kernel layout: rows regrouped in place of the checkpoint's order
+        assert q.kernel_perm is not None and not torch.equal(q.qweight, standard)
+    assert sorted(n for n, _ in q.named_buffers()) == sorted(
+        ["qweight", "qzeros", "scales", "g_idx", "bias"] + (["kernel_perm"] if q.kernel_perm is not None else []))
+    state = q.state_dict()
+    assert set(state) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
+    assert torch.equal(state["qweight"], standard)  # bit for bit the checkpoint's order
+    fresh = QuantLinear(256, 48, 4, 64, bias=True, dtype=torch.float32)
+    fresh.load_state_dict(state)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), q(x))
+    assert torch.equal(fresh.state_dict()["qweight"], standard)
+    torch.testing.assert_close(q.dequantize(), qw.dequantize(), rtol=0, atol=0)
+
+
+def test_a_partial_state_dict_leaves_the_kernel_layout_alone():
+    """load_state_dict(strict=False) without this layer's tensors (PEFT loading adapters) must not
+    repack rows that are already in the kernel's order."""
+    _, q = _act_order_layer(seed=1)
+    model = nn.Sequential(q)
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        before = model(x)
+        model.load_state_dict({}, strict=False)
+        assert torch.equal(model(x), before)

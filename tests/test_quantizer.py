@@ -72,3 +72,43 @@ def test_config_json_round_trip(tmp_path):
     assert d["quant_method"] == "gptq" and d["checkpoint_format"] == "gptq"
     with pytest.raises(QuantConfigError, match="awq"):
         QuantConfig.from_dict({**d, "quant_method": "awq"})
+
+
+def test_static_act_order_is_written_as_the_plain_layout_and_read_back():
+    static = QuantConfig(desc_act=True, static_groups=True)
+    d = static.to_dict()
+    assert d["desc_act"] is False and d["meta"]["act_order"] == "static"  # what vLLM accepts
+    assert QuantConfig.from_dict(d) == static
+    dynamic = QuantConfig(desc_act=True)
+    assert dynamic.to_dict()["desc_act"] is True and dynamic.to_dict()["meta"]["act_order"] == "dynamic"
+    assert QuantConfig.from_dict(dynamic.to_dict()) == dynamic
+    # Another tool's checkpoint: desc_act + static_groups, its own meta kept on a round trip.
+    theirs = {"bits": 4, "group_size": 128, "desc_act": True, "static_groups": True, "sym": True,
+              "meta": {"quantizer": ["gptqmodel:5.0"], "uri": "x"}}
+    read = QuantConfig.from_dict(theirs)
+    assert read.act_order == "static" and read.to_dict()["meta"]["quantizer"] == ["gptqmodel:5.0"]
+
+
+def test_dynamic_overrides_per_module():
+    config = QuantConfig(group_size=128, dynamic={r"+:.*\.(q|k|v)_proj": {"group_size": 64}, r"-:.*lm_head": {}})
+    assert config.for_module("model.layers.0.self_attn.q_proj").group_size == 64
+    assert config.for_module("model.layers.0.mlp.down_proj").group_size == 128
+    assert config.for_module("lm_head") is None
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(QuantConfigError, match="group_size=12"):
+        QuantConfig(dynamic={"+:x": {"group_size": 12}})
+    with pytest.raises(QuantConfigError, match="not a valid regex"):
+        QuantConfig(dynamic={"+:(": {}})
+
+
+def test_engine_rules_for_group_sizes_and_settings():
+    from bluelm_quant.engines import dividing_group_size, engine_notes, partial_group_widths
+
+    smollm2 = [576, 576, 1536]  # q/k/v/o/gate/up read 576 inputs, down_proj 1536
+    assert partial_group_widths(128, smollm2) == [576] and partial_group_widths(-1, smollm2) == []
+    assert dividing_group_size(128, smollm2) == 64
+    assert dividing_group_size(128, [4096, 11008]) == 128  # BlueLM-7B: g128 fits
+    assert dividing_group_size(128, [4096, 100]) is None
+    assert engine_notes(QuantConfig(desc_act=True, static_groups=True)) == []
+    notes = " ".join(engine_notes(QuantConfig(bits=3, sym=False, group_size=256, desc_act=True)))
+    assert "asymmetric" in notes and "3-bit" in notes and "group size 256" in notes and "dynamic act-order" in notes

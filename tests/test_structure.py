@@ -103,3 +103,16 @@ def test_importing_the_package_registers_blueLM_and_loads_no_module_twice():
         "assert len(files) == len(set(files)), sorted(f for f in files if files.count(f) > 1)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_entry_point_in_setup_py_resolves():
+    """Console scripts and the vLLM plugin name functions that exist (setup.py parsed, not run)."""
+    import importlib
+
+    tree = ast.parse((PACKAGE.parent / "setup.py").read_text(encoding="utf-8"))
+    targets = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+               and " = bluelm_quant." in node.value]
+    assert {t.split(" = ")[0] for t in targets} >= {"bluelm-quantize", "bluelm-chat", "bluelm-eval-ppl", "bluelm"}
+    for target in targets:
+        module, _, func = target.split(" = ")[1].partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), target

@@ -33,7 +33,7 @@ def load(kind: str, args):
     the 4-bit model with every QuantLinear replaced by an nn.Linear of its dequantized weight."""
     import torch
 
-    from bluelm_quant import models  # noqa: F401  (BlueLM in the Auto classes)
+    import bluelm_quant  # noqa: F401  (BlueLM in the Auto classes)
     from bluelm_quant.loading import load_quantized
 
     dtype = getattr(torch, args.dtype)

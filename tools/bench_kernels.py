@@ -7,10 +7,13 @@ scales + x + out) and its share of the measured device-to-device copy bandwidth,
 speedup over torch fp16/bf16 matmul with the same shapes, and over
 torch.ops.aten._weight_int4pack_mm where this torch has it. Both of ops.gemm's paths are
 timed (fused kernel, dequantize + cuBLAS) to place CUDA_DEQUANT_MIN_M.
-CPU: median wall time of ops.gemm against torch fp32 and bf16 matmul.
+CPU (tools/bench_kernels_cpu.py): GB/s and its share of the read bandwidth measured on the
+spot, for each CPU body asked for (--isa), beside ops.gemm, torch fp32/bf16 matmul and torch's
+int4 CPU kernel, at 1 and 2 threads; then the int8 lm_head kernel (--heads).
 
   python tools/bench_kernels.py --device cuda --json bench.json
-  python tools/bench_kernels.py --device cpu --shapes 4096x4096 --m 1,8,64
+  python tools/bench_kernels.py --device cpu
+  python tools/bench_kernels.py --device cpu --shapes 576x1536 --m 1,8 --threads 1 --heads ""
 """
 from __future__ import annotations
 
@@ -24,11 +27,14 @@ from pathlib import Path
 
 import torch
 
+from bench_kernels_cpu import bench_cpu  # beside this script (tools/ is on sys.path when it runs)
 from bluelm_quant import ops
 
 SHAPES = "4096x4096,4096x11008,11008x4096,4096x12288"  # K x N: q/k/v/o, gate/up, down, fused qkv
 CUDA_M = "1,2,4,8,16,32,64,128,512,2048"
-CPU_M = "1,4,16,64"
+CPU_SHAPES = "4096x4096,4096x11008,11008x4096"
+CPU_M = "1,2,4,8,16"
+CPU_HEADS = "49152x576"  # N x K: SmolLM2's lm_head (BlueLM-7B's: 100096x4096)
 ROTATE_BYTES = 256 << 20  # > 5x the 50 MB L2 of an H100
 
 
@@ -39,8 +45,7 @@ def random_layer(k: int, n: int, group_size: int, dtype, device):
     qzeros = torch.randint(-(2**31), 2**31 - 1, (groups, n // 8), dtype=torch.int32, device=device)
     scales = (torch.rand(groups, n, device=device) * 0.02 + 0.001).to(dtype)
     g_idx = (torch.arange(k, dtype=torch.int32) // group_size).to(device)
-    kernel = ops.prepare(qweight, qzeros, scales, g_idx, 4)
-    return qweight, qzeros, scales, g_idx, kernel
+    return ops.prepare(qweight, qzeros, scales, g_idx, 4)
 
 
 def layer_bytes(m: int, k: int, n: int, group_size: int, elem: int) -> int:
@@ -155,7 +160,7 @@ def bench_cuda(args) -> dict:
         dense = [torch.randn(k, n, dtype=dtype, device="cuda") for _ in range(dense_copies)]
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k, dtype=dtype, device="cuda")
-            fns = [lambda L=L: ops.gemm(x, L[0], L[1], L[2], L[3], 4, None, L[4]) for L in layers]
+            fns = [lambda L=L: ops.gemm(x, L) for L in layers]
             calls = max(len(fns), args.calls)
             us, note = cuda_time_us(fns, calls, args.iters)
             notes.add(note)
@@ -190,58 +195,22 @@ def bench_cuda(args) -> dict:
             "cuda_dequant_min_m": ops.CUDA_DEQUANT_MIN_M}
 
 
-# --- CPU -------------------------------------------------------------------------------------
-
-
-def cpu_time_us(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
-
-
-def bench_cpu(args) -> dict:
-    print(f"ops backend: {ops.backend()}  torch threads: {torch.get_num_threads()}")
-    if "reference" in ops.backend():
-        print("note: no compiled CPU kernel: ops.gemm runs the reference path (dequantize + matmul)")
-    print(f"{'K x N':>12} {'M':>4} {'dtype':>5} {'ops.gemm ms':>11} {'fp32 mm ms':>10} {'bf16 mm ms':>10} "
-          f"{'vs fp32':>8} {'vs bf16':>8}")
-    rows = []
-    for shape in args.shapes.split(","):
-        k, n = (int(v) for v in shape.lower().split("x"))
-        for dtype in (torch.float32, torch.bfloat16):
-            qweight, qzeros, scales, g_idx, kernel = random_layer(k, n, args.group_size, dtype, "cpu")
-            w32 = torch.randn(k, n)
-            w16 = w32.to(torch.bfloat16)
-            for m in (int(v) for v in args.m.split(",")):
-                x = torch.randn(m, k, dtype=dtype)
-                us = cpu_time_us(lambda: ops.gemm(x, qweight, qzeros, scales, g_idx, 4, None, kernel), args.iters)
-                x32, x16 = x.float(), x.to(torch.bfloat16)
-                fp32_us = cpu_time_us(lambda: torch.matmul(x32, w32), args.iters)
-                bf16_us = cpu_time_us(lambda: torch.matmul(x16, w16), args.iters)
-                name = "fp32" if dtype == torch.float32 else "bf16"
-                rows.append({"k": k, "n": n, "m": m, "dtype": name, "us": us, "fp32_matmul_us": fp32_us,
-                             "bf16_matmul_us": bf16_us, "speedup_vs_fp32": fp32_us / us,
-                             "speedup_vs_bf16": bf16_us / us})
-                print(f"{shape:>12} {m:4d} {name:>5} {us / 1e3:11.2f} {fp32_us / 1e3:10.2f} {bf16_us / 1e3:10.2f} "
-                      f"{fp32_us / us:7.2f}x {bf16_us / us:7.2f}x")
-    return {"device": "cpu", "threads": torch.get_num_threads(), "backend": ops.backend(),
-            "torch": torch.__version__, "rows": rows}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shapes", default=None, help=f"comma-separated KxN (default {SHAPES}; CPU: the first)")
+    p.add_argument("--shapes", default=None, help=f"comma-separated KxN (default CUDA {SHAPES}, CPU {CPU_SHAPES})")
     p.add_argument("--m", default=None, help=f"comma-separated rows of x (default CUDA {CUDA_M}, CPU {CPU_M})")
-    p.add_argument("--iters", type=int, default=None, help="timed repetitions (default CUDA 50, CPU 10)")
+    p.add_argument("--iters", type=int, default=None, help="timed repetitions (default CUDA 50, CPU 15)")
     p.add_argument("--calls", type=int, default=64, help="CUDA: calls per graph replay")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="CUDA activation dtype")
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None, help="CPU: torch threads")
+    p.add_argument("--threads", default="1,2", help="CPU: comma-separated torch thread counts")
+    p.add_argument("--isa", default=None,
+                   help="CPU: comma-separated kernel bodies to time, the first one in the GB/s columns (default: "
+                        f"the best this CPU runs and the lower SIMD ones; from {', '.join(ops.CPU_ISAS)})")
+    p.add_argument("--heads", default=CPU_HEADS, help="CPU: comma-separated NxK int8 lm_head shapes ('' for none)")
+    p.add_argument("--stat", choices=("median", "best"), default="median",
+                   help="CPU: the median of the timed repetitions, or the fastest (a busy machine's quiet moments)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -253,11 +222,15 @@ def main(argv=None) -> int:
         args.iters = args.iters or 50
         result = bench_cuda(args)
     else:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        args.shapes = args.shapes or SHAPES.split(",")[0]
+        args.shapes = CPU_SHAPES if args.shapes is None else args.shapes
         args.m = args.m or CPU_M
-        args.iters = args.iters or 10
+        args.iters = args.iters or 15
+        best = ops.cpu_isa() or "scalar"
+        simd = ops.CPU_ISAS[ops.CPU_ISAS.index(best):ops.CPU_ISAS.index("scalar")] or [best]
+        args.isa = args.isa.split(",") if args.isa else list(simd)
+        unknown = [i for i in args.isa if i not in ops.CPU_ISAS]
+        if unknown:
+            p.error(f"--isa {','.join(unknown)}: unknown CPU body; use {', '.join(ops.CPU_ISAS)}")
         result = bench_cpu(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -4,8 +4,8 @@
 For every variant (e.g. `fp16`, `fp16+embed_cpu`, `bf16+head8`) a child process imports
 torch, loads the checkpoint, and reports: load seconds; peak RSS (ru_maxrss) after the
 load, after one token of forward pass (a CPU model's weights are memory-mapped views of
-the checkpoint, resident once touched), and of the imports alone; bytes of model tensors per device; bytes of kernel repacks (the
-act-order second copy of qweight); on CUDA, torch.cuda.max_memory_allocated after the
+the checkpoint, resident once touched), and of the imports alone; bytes of model tensors per device; bytes the kernel layout adds (the
+act-order row permutations); on CUDA, torch.cuda.max_memory_allocated after the
 load and after generating to --context tokens. Medians over --repeat runs; a table on
 stdout and everything in --json.
 
@@ -66,8 +66,8 @@ def child(args) -> dict:
     if cuda:
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
-    kernel = sum(getattr(m, n).numel() * getattr(m, n).element_size()
-                 for m in model.modules() if isinstance(m, QuantLinear) for n in m._kernel_names)
+    kernel = sum(m.kernel_perm.numel() * m.kernel_perm.element_size()
+                 for m in model.modules() if isinstance(m, QuantLinear) and m.kernel_perm is not None)
     out = {
         "variant": args.variant, "device": args.device, "dtype": str(model.dtype), "load_s": load_s,
         "rss_imports": rss_imports, "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -124,7 +124,7 @@ def table(rows: list[dict], ckpt: int) -> str:
             ("RSS - imports GiB", lambda r: f"{(r['rss_peak'] - r['rss_imports']) / GIB:.2f}"),
             ("peak RSS +1 token GiB", lambda r: f"{r['rss_peak_forward'] / GIB:.2f}"),
             ("CPU tensors GiB", lambda r: f"{r['cpu_tensor_bytes'] / GIB:.2f}"),
-            ("repack GiB", lambda r: f"{r['kernel_repack_bytes'] / GIB:.2f}")]
+            ("kernel layout GiB", lambda r: f"{r['kernel_repack_bytes'] / GIB:.2f}")]
     if "cuda_tensor_bytes" in rows[0]:
         cols += [("GPU tensors GiB", lambda r: f"{r['cuda_tensor_bytes'] / GIB:.2f}"),
                  ("max alloc load GiB", lambda r: f"{r['cuda_max_allocated_load'] / GIB:.2f}")]

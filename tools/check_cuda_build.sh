@@ -40,7 +40,7 @@ import torch
 
 assert quant_cuda.__file__.endswith(".so"), quant_cuda.__file__
 assert quant_cuda.with_cuda, "the module was built without its CUDA kernels"
-print(f"check_cuda_build: imported {quant_cuda.__file__} (archs {quant_cuda.cuda_archs}, CPU {quant_cuda.cpu_isa})")
+print(f"check_cuda_build: imported {quant_cuda.__file__} (archs {quant_cuda.cuda_archs}, CPU {quant_cuda.get_cpu_isa()})")
 
 torch.manual_seed(0)
 K, N, G = 256, 40, 2  # group size 128

@@ -3,6 +3,7 @@
     bluelm-quantize   quantize.py   full-precision model -> 4-bit GPTQ checkpoint (demo with no arguments)
     bluelm-chat       chat.py       multi-turn chat in the terminal
     bluelm-eval-ppl   eval_ppl.py   perplexity of a model directory on a text
+    bluelm-convert    convert.py    a 4-bit checkpoint -> the standard GPTQ layout vLLM serves
 
 `python tools/<name>.py` runs the same code. Every tool maps its flags onto a library call;
 an expected failure (bad input, a missing file, a device that cannot run the model, a file
@@ -32,10 +33,11 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from ..lock import OutputLockError
     from ..models import UnsupportedModelError
     from ..models.bluelm import BlueLMConfigError, BlueLMTokenizerError
+    from ..outputs import OutputError
     from ..placement import DeviceError, DeviceMemoryError
     from ..shards import CheckpointError
     from ..smollm2 import SmolLM2Error
-    from ..workdir import OutputError, ResumeError
+    from ..workdir import ResumeError
 
     # OSError last: a file the library did not wrap with advice (permissions, a vanished
     # directory) is still the environment, not a bug.

@@ -18,13 +18,23 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_bluelm import BlueLMConfig
+
+
+def keep_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions whose logits are wanted: the last `logits_to_keep` (0 keeps all), or the
+    positions a 1-D index tensor names. transformers has a helper for this only since 5.21,
+    and we support older releases (vLLM pins transformers < 5.20)."""
+    if isinstance(logits_to_keep, int):
+        return hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
+    if logits_to_keep.ndim != 1:
+        raise ValueError(f"logits_to_keep must be an int or a 1-D index tensor, got shape {tuple(logits_to_keep.shape)}")
+    return hidden_states[:, logits_to_keep, :]
 
 
 class BlueLMRMSNorm(nn.Module):
@@ -270,7 +280,7 @@ class BlueLMForCausalLM(BlueLMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        hidden_states = keep_positions(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
