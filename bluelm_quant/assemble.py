@@ -5,6 +5,12 @@ layer file in the work directory, everything else (embeddings, norms, lm_head) f
 source shards, with the source's config.json plus `quantization_config` and its
 tokenizer files beside them. One output shard is held in memory at a time.
 
+Copied floating-point tensors are written in 16 bits, the source's own 16-bit dtype or
+bfloat16 for a 32-bit source, and config.json says so: vLLM's GPTQ path runs fp16/bf16 only
+(a float32 config fails with dtype="auto"), and a 32-bit embedding is most of a small
+model's checkpoint (113 of 169 MB for SmolLM2). bfloat16, not float16: it has float32's
+range, so no value of a 32-bit source can overflow.
+
 `check_copied_tensors` runs before the layer loop: a tensor copied as it is (a NaN in
 model.norm, an lm_head of the wrong shape) would give a checkpoint that loads and outputs
 garbage, found only after hours of quantization.
@@ -30,11 +36,22 @@ def assemble_checkpoint(model: nn.Module, spec: ModelSpec, source: ModelDir, wor
                         max_shard_size: int) -> None:
     """Write the final checkpoint into `work.final_dir` (created here)."""
     os.makedirs(work.final_dir)
-    write_shards(_tensors(model, spec, source, work), work.final_dir, max_shard_size)
+    dtype = checkpoint_dtype(source)
+    write_shards(_tensors(model, spec, source, work, dtype), work.final_dir, max_shard_size)
     copy_model_files(source.path, work.final_dir)
-    hf_config = dict(source.config)  # the source's own config (dtype, auto_map...), not the skeleton's
+    hf_config = dict(source.config)  # the source's own config (auto_map, rope...), not the skeleton's
     hf_config.pop("quantization_config", None)
+    name = str(dtype).removeprefix("torch.")
+    hf_config["dtype"] = name  # transformers 5's key; older readers look for torch_dtype
+    if "torch_dtype" in hf_config:
+        hf_config["torch_dtype"] = name
     write_configs(work.final_dir, hf_config, config)
+
+
+def checkpoint_dtype(source: ModelDir) -> torch.dtype:
+    """The dtype of the copied tensors: the source's if 16-bit, else bfloat16."""
+    dtype = source.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 def check_copied_tensors(model: nn.Module, spec: ModelSpec, source: ModelDir) -> None:
@@ -88,8 +105,10 @@ def _plan(model: nn.Module, spec: ModelSpec) -> Iterator[tuple[str, str, object]
             yield "copy", module_name, _own_state_keys(module_name, module)
 
 
-def _tensors(model: nn.Module, spec: ModelSpec, source: ModelDir, work: WorkDir) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in state-dict order; a Linear's packed tensors replace its weight and bias."""
+def _tensors(model: nn.Module, spec: ModelSpec, source: ModelDir, work: WorkDir,
+             dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) in state-dict order; a Linear's packed tensors replace its weight and bias,
+    copied floating-point tensors are cast to `dtype`."""
     skip = tied_keys(model)
     open_layer, handle = None, None
     for kind, module_name, payload in _plan(model, spec):
@@ -104,7 +123,8 @@ def _tensors(model: nn.Module, spec: ModelSpec, source: ModelDir, work: WorkDir)
             continue
         for key in payload:
             if key in source.reader:
-                yield key, source.reader.get(key)
+                tensor = source.reader.get(key)
+                yield key, tensor.to(dtype) if tensor.is_floating_point() else tensor
             elif key not in skip:
                 raise CheckpointError(f"tensor {key} is missing from {source.path}")
 
@@ -117,4 +137,4 @@ def _own_state_keys(module_name: str, module: nn.Module) -> list[str]:
     return [prefix + n for n in names]
 
 
-__all__ = ["assemble_checkpoint", "check_copied_tensors"]
+__all__ = ["assemble_checkpoint", "check_copied_tensors", "checkpoint_dtype"]

@@ -99,6 +99,13 @@ def preflight(model_dir: str) -> tuple[ModelDir, ModelSpec]:
     return source, spec
 
 
+def linear_in_features(source: ModelDir, spec: ModelSpec) -> list[int]:
+    """The input width of every Linear the run quantizes, from the shard headers (no weights read)."""
+    layers = int(source.config.get("num_hidden_layers", 0))
+    return [source.reader.shape(f"{spec.layer_name(i)}.{n}.weight")[-1]
+            for i in range(layers) for n in spec.linears if f"{spec.layer_name(i)}.{n}.weight" in source.reader]
+
+
 def check_spec(model: nn.Module, spec: ModelSpec, config: QuantConfig) -> None:
     """Every Linear the spec names exists in each layer and packs at this bit width."""
     multiple = pack_multiple(config.bits)
@@ -286,4 +293,4 @@ def quantize(model_dir: str, out_dir: str, config: QuantConfig, calib: Calibrati
         return quantize_model(model_dir, out_dir, config, windows, opts)
 
 
-__all__ = ["Calibration", "RunOptions", "check_spec", "compute_dtype", "preflight", "quantize", "quantize_model"]
+__all__ = ["Calibration", "RunOptions", "check_spec", "linear_in_features", "compute_dtype", "preflight", "quantize", "quantize_model"]

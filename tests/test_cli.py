@@ -2,6 +2,7 @@
 stderr and exit status 2 (a traceback only with --debug), bad numbers are refused when parsed,
 every flag has help that shows its default, and only our own INFO messages are shown."""
 import argparse
+import json
 import logging
 import os
 import re
@@ -251,6 +252,44 @@ def test_only_our_own_info_messages_are_shown():
         assert logging.getLogger(name).isEnabledFor(logging.WARNING), name
     configure_logging(logging.WARNING)  # -q
     assert not logging.getLogger("bluelm_quant.pipeline").isEnabledFor(logging.INFO)
+
+
+# --- engine-ready defaults ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_width_dir(tmp_path_factory):
+    """Layer widths 96 and 160: 128 and 64 leave partial groups, 32 divides both."""
+    return save_tiny_llama_dir(str(tmp_path_factory.mktemp("cli") / "odd"), num_hidden_layers=1,
+                               hidden_size=96, intermediate_size=160)
+
+
+def test_default_group_size_steps_down_to_one_every_engine_loads(odd_width_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = quantize_args(odd_width_dir, out)
+    del argv[argv.index("--group-size"):argv.index("--group-size") + 2]
+    assert quantize_cli.main(argv) == 0
+    assert "Group size 32, not 128: 128 does not divide the layer width(s) 96, 160" in capsys.readouterr().out
+    config = json.load(open(out / "config.json"))
+    q = config["quantization_config"]
+    assert (q["group_size"], q["desc_act"], q["sym"], q["meta"]["act_order"]) == (32, False, True, "static")
+    assert config["dtype"] == "bfloat16"  # a float32 source: non-quantized tensors written in 16 bits
+    from safetensors import safe_open
+    with safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+        assert f.get_slice("model.layers.0.self_attn.q_proj.scales").get_dtype() == "F16"
+
+
+def test_a_group_size_the_user_names_is_kept_with_a_note(odd_width_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    argv = quantize_args(odd_width_dir, out)
+    argv[argv.index("--group-size") + 1] = "64"
+    assert quantize_cli.main([*argv, "--act-order", "dynamic"]) == 0
+    printed = capsys.readouterr().out
+    assert "group size 64 leaves a partial last group in layers of width 96, 160: vLLM and GPTQModel refuse" in printed
+    assert "dynamic act-order (desc_act true): vLLM refuses it" in printed
+    q = json.load(open(out / "config.json"))["quantization_config"]
+    assert (q["group_size"], q["desc_act"]) == (64, True)
 
 
 # --- the default evaluation, end to end ----------------------------------------------------

@@ -17,6 +17,8 @@ from ..config import SUPPORTED_BITS
 from . import add_debug_flag, configure_logging, nonnegative_int, positive_float, positive_int, run_tool
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+ACT_ORDERS = ("static", "dynamic", "off")
+DEFAULT_GROUP_SIZE = 128
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
@@ -25,12 +27,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local Hugging Face model directory (default: SmolLM2-135M-Instruct, fetched once)")
     p.add_argument("--out", help="output directory (default: out/<model name>-gptq-<bits>bit-g<group size>)")
     p.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4, help="bits per weight (default 4)")
-    p.add_argument("--group-size", type=int, default=128,
-                   help="input columns sharing one scale/zero, a multiple of 8; -1 = per output channel (default 128)")
-    p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=True,
-                   help="act-order: quantize columns by decreasing Hessian diagonal (default on; g_idx records the order)")
-    p.add_argument("--static-groups", action="store_true",
-                   help="with --desc-act: fix the groups before reordering, keeping g_idx monotone (default off)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input columns sharing one scale/zero, a multiple of 8; -1 = per output channel (default 128, "
+                        "or the largest of 64/32 that divides every layer's width when 128 does not: vLLM and "
+                        "GPTQModel refuse a partial last group. A size given here is kept as it is)")
+    p.add_argument("--act-order", choices=ACT_ORDERS, default="static",
+                   help="quantize columns by decreasing Hessian diagonal. static (default): groups fixed before the "
+                        "reordering, the plain layout every engine serves; dynamic: groups follow the quantization "
+                        "order (desc_act true, a permuted g_idx: vLLM refuses it, GPTQModel and transformers load it); "
+                        "off: columns in their stored order")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid, zero fixed at the middle (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with a per-group zero point")
@@ -78,16 +83,12 @@ def quantize_command(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import QuantConfig
+    from ..engines import engine_notes
     from ..lock import output_lock
     from ..pipeline import Calibration, RunOptions, quantize
     from ..report import JSON_FILE, PLOT_FILE, table
 
     configure_logging(logging.WARNING if args.quiet else logging.INFO)
-    config = QuantConfig(
-        bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act,
-        static_groups=args.static_groups, true_sequential=args.true_sequential,
-        damp_percent=args.damp, mse_clip=args.mse_clip,
-    )
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     demo = args.model is None
     if demo:
@@ -95,8 +96,15 @@ def quantize_command(args: argparse.Namespace) -> int:
 
         print("No --model given: running the built-in demo on SmolLM2-135M-Instruct.")
         args.model = str(ensure_smollm2(args.cache_dir))
+    config = QuantConfig(
+        bits=args.bits, group_size=_group_size(args), sym=args.sym, desc_act=args.act_order != "off",
+        static_groups=args.act_order == "static", true_sequential=args.true_sequential,
+        damp_percent=args.damp, mse_clip=args.mse_clip,
+    )
+    for note in engine_notes(config):
+        print(f"Note: {note}.")
     name = os.path.basename(os.path.normpath(args.model))
-    gs = "pc" if args.group_size == -1 else args.group_size
+    gs = "pc" if config.group_size == -1 else config.group_size
     # The demo may replace its own default output on a re-run, never a directory the user named.
     replace_default = demo and args.out is None and not args.resume
     args.out = args.out or os.path.join("out", f"{name}-gptq-{args.bits}bit-g{gs}")
@@ -122,6 +130,32 @@ def quantize_command(args: argparse.Namespace) -> int:
         if args.eval_windows > 0:
             _evaluate(args, base_rss)
     return 0
+
+
+def _group_size(args: argparse.Namespace) -> int:
+    """The group size to quantize with. A size the user gave is kept (with a note when the
+    serving engines will refuse it); the default 128 steps down to the largest of 64/32 that
+    divides every quantized layer's width, since a partial last group (SmolLM2's 576 at 128)
+    is refused by vLLM and GPTQModel. Says what it chose and why."""
+    from ..engines import dividing_group_size, partial_group_widths
+    from ..pipeline import linear_in_features, preflight
+
+    source, spec = preflight(args.model)
+    widths = linear_in_features(source, spec)
+    requested = DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size
+    partial = partial_group_widths(requested, widths)
+    if not partial:
+        return requested
+    if args.group_size is None:
+        chosen = dividing_group_size(requested, widths)
+        if chosen is not None:
+            print(f"Group size {chosen}, not {requested}: {requested} does not divide the layer width(s) "
+                  f"{', '.join(map(str, partial))}, and vLLM and GPTQModel refuse a partial last group. "
+                  f"--group-size {requested} keeps it (served by bluelm-quant and transformers).")
+            return chosen
+    print(f"Note: group size {requested} leaves a partial last group in layers of width {', '.join(map(str, partial))}: "
+          "vLLM and GPTQModel refuse this checkpoint (bluelm-quant and transformers load it).")
+    return requested
 
 
 def _calib_sources(args):
