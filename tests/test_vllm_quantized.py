@@ -1,5 +1,5 @@
-"""Checkpoints written by tools/quantize.py, served by vLLM's own GPTQ kernels, against
-bluelm_quant.load_quantized in the same dtype.
+"""Checkpoints written by tools/quantize.py (and one rewritten by tools/convert.py), served by
+vLLM's own GPTQ kernels, against bluelm_quant.load_quantized in the same dtype.
 
 A tiny LLaMA (vLLM's own model class) in fp16 on one worker, and a tiny ntkmixed BlueLM (our
 plugin) in bf16 on two tensor-parallel workers, with every per-rank width at least twice the group size (a GPTQ
@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 pytest.importorskip("vllm")
 
-from bluelm_fixtures import make_tiny_bluelm_dir  # noqa: E402
+from bluelm_fixtures import make_tiny_bluelm_dir, tiny_model  # noqa: E402
+from test_bluelm_checkpoints import LEGACY_ROWS, write_legacy_4bits  # noqa: E402
 from bluelm_quant import load_quantized  # noqa: E402
 from tiny_models import save_tiny_llama_dir  # noqa: E402
 from vllm_support import assert_matches_reference, engine, greedy_params, reference_logprobs, tp2_env  # noqa: E402
@@ -102,3 +103,31 @@ class TestBlueLMTensorParallel:
             pytest.skip("tensor parallelism on CPU needs 2 cores")
         with engine(model_dir, dtype="bfloat16", tensor_parallel_size=2, env=env) as llm:
             check_against_load_quantized(llm, "bfloat16", model_dir, src, prompts(704), "BlueLM ntkmixed g64 TP=2")
+
+
+class TestConvertedLegacyBlueLM:
+    """The BlueLM-7B-Chat-4bits layout (.bin shards, fp32 scales, no g_idx, no quantization
+    config), rewritten by tools/convert.py, served through the plugin and vLLM's GPTQ kernel."""
+
+    @pytest.fixture(scope="class")
+    def model_dir(self, tmp_path_factory):
+        root = tmp_path_factory.mktemp("vllm_legacy")
+        legacy = str(root / "BlueLM-7B-Chat-4bits")
+        model = tiny_model(seed=1, vocab_size=LEGACY_ROWS, hidden_size=128, intermediate_size=256,
+                           initializer_range=INIT_STD)  # head_dim 32
+        write_legacy_4bits(legacy, model, sym=True)  # vLLM serves symmetric zeros only
+        out = str(root / "converted")
+        run = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert.py"), "--model", legacy, "--out", out,
+                              "--dtype", "float16"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": REPO})
+        assert run.returncode == 0, run.stderr[-3000:]
+        return out
+
+    def test_vllm_serves_the_converted_checkpoint(self, model_dir):
+        ours = load_quantized(model_dir, dtype=torch.float16)
+        with engine(model_dir, dtype="float16") as llm:
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts(LEGACY_ROWS)], greedy_params(16), use_tqdm=False)
+        for out in outs:
+            ids = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)
+            stats = assert_matches_reference(out, reference_logprobs(ours, ids), **TOLERANCE["float16"])
+            print(f"converted legacy BlueLM float16, {len(out.prompt_token_ids)}-token prompt: {stats}")
