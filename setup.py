@@ -40,6 +40,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "plot": ["matplotlib>=3.5"],  # the quantization report's loss plot
     "smollm2": ["gguf>=0.10"],  # the built-in SmolLM2 demo model ships as a GGUF file
+    # LoRA fine-tuning (bluelm_quant/lora.py, tools/finetune.py); tested with peft 0.21.2.
+    "lora": ["peft>=0.21,<0.22"],
 }
 
 setup(

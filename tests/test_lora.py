@@ -167,3 +167,111 @@ def test_autocast_through_a_whole_model():
     assert torch.isfinite(g16).all()
     assert (out16.float() - out32).abs().max() <= 0.05 * out32.abs().max()
     assert (g16.float() - g32).norm() <= 0.1 * g32.norm()
+
+
+# --- PEFT --------------------------------------------------------------------------------------
+
+peft = pytest.importorskip("peft")
+from bluelm_quant import lora  # noqa: E402
+from bluelm_quant.lora_layer import QuantLoraLinear  # noqa: E402
+
+
+def _lora_model(targets=("q_proj", "v_proj"), r=4, seed=0, **kwargs):
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                             target_modules=list(targets) if not isinstance(targets, str) else targets, **kwargs)
+    return lora.get_peft_model(_quantized_tiny_llama(seed=seed), config)
+
+
+def _train(model, ids, steps=5, lr=1e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return model.eval(), losses
+
+
+def test_peft_wraps_quant_linears_by_name():
+    model = _lora_model(("q_proj", "v_proj"))
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, QuantLoraLinear)}
+    assert wrapped == {f"base_model.model.model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_all_linear_takes_every_quant_linear_but_the_head():
+    model = _lora_model("all-linear")
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, QuantLoraLinear)}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert isinstance(model.base_model.model.lm_head, nn.Linear)
+
+
+def test_a_fresh_adapter_changes_nothing_and_training_lowers_the_loss():
+    base = _quantized_tiny_llama()
+    ids = tokens(batch=2, seq=16, seed=3)
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    model = _lora_model("all-linear")
+    with torch.no_grad():  # lora_B starts at zero
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+    _, losses = _train(model, ids, steps=6)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_save_and_reload_through_peft_gives_identical_logits(tmp_path):
+    ids = tokens(batch=2, seq=16, seed=3)
+    model, _ = _train(_lora_model("all-linear"), ids, steps=3)
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    model.save_pretrained(str(tmp_path))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(p.name for p in tmp_path.iterdir())
+    reloaded = lora.load_adapter(_quantized_tiny_llama(), str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, trained)
+    # Plain PEFT with the mapping registered on its config loads the same adapter.
+    config = lora.register(peft.LoraConfig.from_pretrained(str(tmp_path)))
+    raw = peft.PeftModel.from_pretrained(_quantized_tiny_llama(), str(tmp_path), config=config)
+    with torch.no_grad():
+        assert torch.equal(raw(input_ids=ids).logits, trained)
+
+
+def test_adapter_from_another_base_names_module_and_shapes(tmp_path):
+    model = _lora_model(("q_proj",))
+    model.save_pretrained(str(tmp_path))
+    other = tiny_llama(hidden_size=96, intermediate_size=128)
+    replace_linear(other, QuantConfig(bits=4, group_size=32), quantize=True)
+    with pytest.raises(lora.LoRAError, match=r"model\.layers\.0\.self_attn\.q_proj is 96 -> 96 here, but the adapter's lora_A is \[4, 64\]"):
+        lora.load_adapter(other, str(tmp_path))
+    with pytest.raises(lora.LoRAError, match="no adapter_config.json"):
+        lora.load_adapter(_quantized_tiny_llama(), str(tmp_path / "nowhere"))
+
+
+def test_bad_lora_requests_are_one_line_errors():
+    with pytest.raises(lora.LoRAError, match=r"target modules \['qproj'\] match no Linear layer; the model's Linear layers are: "
+                                             r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+        _lora_model(("qproj", "v_proj"))
+    with pytest.raises(lora.LoRAError, match="matches no Linear layer"):
+        _lora_model(r".*\.attn\.nothing")
+    with pytest.raises(lora.LoRAError, match="rank must be a positive integer.*r=0"):
+        _lora_model(r=0)
+    with pytest.raises(ValueError, match="DoRA|use_dora"):
+        _lora_model(use_dora=True)
+    model = _lora_model()
+    with pytest.raises(ValueError, match="cannot absorb"):
+        model.merge_and_unload()
+
+
+def test_import_without_peft_works_and_says_how_to_install():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['peft'] = None\n"
+            "import bluelm_quant\nfrom bluelm_quant import lora\n"
+            "try:\n    lora.require_peft()\nexcept lora.LoRAError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'bluelm-quant[lora]'" in out
