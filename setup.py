@@ -61,6 +61,8 @@ setup(
             "bluelm-chat = bluelm_quant.cli.chat:main",
             "bluelm-eval-ppl = bluelm_quant.cli.eval_ppl:main",
             "bluelm-convert = bluelm_quant.cli.convert:main",
+            "bluelm-finetune = bluelm_quant.cli.finetune:main",
+            "bluelm-merge-adapter = bluelm_quant.cli.merge_adapter:main",
         ],
         # vLLM calls every `vllm.general_plugins` entry point in each of its processes:
         # this one registers BlueLM (bluelm_quant/vllm_plugin.py; a no-op without vLLM).

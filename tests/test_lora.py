@@ -1,4 +1,7 @@
 """LoRA on 4-bit models: the input gradient of QuantLinear, PEFT, training, saving, merging."""
+import os
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -140,9 +143,16 @@ def test_gradient_checkpointing_gives_the_same_gradient(use_reentrant):
     ids = tokens(batch=2, seq=12)
     model.train()
     _, plain = _embedding_grad(model, ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.20+
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    calls = []  # a checkpointed layer runs twice: forward, then again in backward
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
     _, checkpointed = _embedding_grad(model, ids)
-    assert model.is_gradient_checkpointing
+    hook.remove()
+    assert len(calls) == 2
     torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
 
 
@@ -266,6 +276,13 @@ def test_bad_lora_requests_are_one_line_errors():
         model.merge_and_unload()
 
 
+def test_without_peft_lora_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "peft", None)  # `import peft` now raises ImportError
+    with pytest.raises(lora.LoRAError, match=r"pip install 'bluelm-quant\[lora\]'"):
+        lora.get_peft_model(_quantized_tiny_llama(), None)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers: 10-40 s on the shared machine
 def test_import_without_peft_works_and_says_how_to_install():
     import subprocess
     import sys
@@ -275,3 +292,211 @@ def test_import_without_peft_works_and_says_how_to_install():
             "try:\n    lora.require_peft()\nexcept lora.LoRAError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install 'bluelm-quant[lora]'" in out
+
+
+# --- fine-tuning ------------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+from bluelm_quant import sft_data  # noqa: E402
+from bluelm_quant.finetune import FinetuneConfig, FinetuneError, finetune  # noqa: E402
+from bluelm_quant.saving import save_quantized  # noqa: E402
+
+from tiny_models import byte_tokenizer  # noqa: E402
+
+WORDS = ("cat", "dog", "sun", "moon", "tree", "fish", "bird", "rain")
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def qdir(tmp_path_factory):
+    """A tiny 4-bit LLaMA directory (act-order layers included) with a byte-level tokenizer."""
+    model = tiny_llama(vocab_size=258, seed=0)
+    config = QuantConfig(bits=4, group_size=32, sym=False)
+    replace_linear(model, config, quantize=True)
+    for name, m in model.named_modules():  # act-order on the MLP: g_idx over a permuted column order
+        if isinstance(m, QuantLinear) and name.endswith("up_proj"):
+            m.g_idx = m.g_idx[torch.randperm(m.in_features, generator=torch.Generator().manual_seed(3))]
+            m.post_init()
+    path = str(tmp_path_factory.mktemp("tiny") / "q4")
+    save_quantized(model, path, config, tokenizer=byte_tokenizer())
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    belle = [{"instruction": f"Say {w}", "input": "twice" if i % 2 else "", "output": f"{w} {w}."} for i, w in enumerate(WORDS)]
+    return {
+        "belle": _write_jsonl(d / "belle.jsonl", belle),
+        "pr": _write_jsonl(d / "pr.json", [{"prompt": f"Name a {w}", "response": f"A {w}."} for w in WORDS]),
+        "bluelm": _write_jsonl(d / "bluelm.json", [{"inputs": f"[|Human|]:Say {w}[|AI|]:", "targets": w} for w in WORDS]),
+        "columns": _write_jsonl(d / "columns.jsonl", [{"question": f"Say {w}", "answer": w} for w in WORDS]),
+        "empty": str((d / "empty.jsonl").write_text("\n") and d / "empty.jsonl"),
+    }
+
+
+def _cfg(qdir, train, out, **kw):
+    base = dict(model=qdir, train_file=train, output_dir=str(out), lora_rank=4, lora_alpha=8, lora_dropout=0.1,
+                seq_len=64, batch_size_per_device=2, gradient_accumulation_steps=2, max_steps=4, save_steps=2,
+                learning_rate=1e-2, progress=False)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def _adapter_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def test_readers_take_each_record_format(data):
+    tok = byte_tokenizer()
+    assert sft_data.read_pairs(data["belle"])[1] == ("Say dog\ntwice", "dog dog.")
+    assert sft_data.read_pairs(data["pr"])[0] == ("Name a cat", "A cat.")
+    assert sft_data.read_pairs(data["columns"], "question", "answer")[0] == ("Say cat", "cat")
+    pairs = sft_data.read_pairs(data["bluelm"])
+    assert sft_data.resolve_style("auto", tok, "llama", pairs) == "raw"
+    assert sft_data.resolve_style("auto", tok, "llama", sft_data.read_pairs(data["pr"])) == "plain"
+
+
+def test_the_loss_counts_response_tokens_only(data):
+    tok = byte_tokenizer()
+    examples, style = sft_data.load_examples(data["pr"], tok, "llama", seq_len=64)
+    e = examples[0]
+    prompt = [tok.bos_token_id] + list(b"Name a cat\n")
+    assert style == "plain" and e.input_ids == prompt + list(b"A cat.") + [tok.eos_token_id]
+    assert e.labels == [sft_data.IGNORE] * len(prompt) + list(b"A cat.") + [tok.eos_token_id]
+    short, _ = sft_data.load_examples(data["pr"], tok, "llama", seq_len=8)
+    assert all(len(x.input_ids) <= 8 and x.response_tokens > 0 for x in short)
+    bluelm, style = sft_data.load_examples(data["bluelm"], tok, "BlueLM", seq_len=64)
+    assert style == "raw" and bluelm[0].input_ids[-4:] == list(b"cat") + [tok.eos_token_id]
+
+
+def test_bad_data_is_a_one_line_error(data):
+    with pytest.raises(sft_data.FinetuneDataError, match=r"no column 'prompt'.*columns found: answer, question"):
+        sft_data.read_pairs(data["columns"], "prompt", "answer")
+    with pytest.raises(sft_data.FinetuneDataError, match="cannot tell the record format.*'answer', 'question'"):
+        sft_data.read_pairs(data["columns"])
+    with pytest.raises(sft_data.FinetuneDataError, match="holds no records"):
+        sft_data.read_pairs(data["empty"])
+
+
+def test_finetune_lowers_the_loss_and_writes_peft_adapters(qdir, data, tmp_path):
+    from bluelm_quant.loading import load_quantized
+
+    report = finetune(_cfg(qdir, data["belle"], tmp_path / "run", dev_file=data["belle"], max_steps=6, save_steps=3))
+    assert report["steps"] == 6 and report["dev_loss_final"] < report["dev_loss_base"]
+    assert sum(report["losses"][-2:]) < sum(report["losses"][:2])
+    out = tmp_path / "run"
+    assert {"adapter_config.json", "adapter_model.safetensors", "checkpoint-3", "checkpoint-6"} <= set(os.listdir(out))
+    final, last = _adapter_tensors(str(out)), _adapter_tensors(str(out / "checkpoint-6"))
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    # The saved adapter on a freshly loaded base reproduces the dev loss the run measured.
+    model = lora.load_adapter(load_quantized(qdir, dtype=torch.float32), str(out))
+    examples, _ = sft_data.load_examples(data["belle"], byte_tokenizer(), "llama", seq_len=64)
+    from bluelm_quant.finetune import dev_loss
+
+    assert dev_loss(model, examples, 2, 257, torch.device("cpu")) == pytest.approx(report["dev_loss_final"], rel=1e-5)
+
+
+def test_resume_gives_the_adapter_of_an_uninterrupted_run(qdir, data, tmp_path):
+    finetune(_cfg(qdir, data["belle"], tmp_path / "whole"))
+
+    def stop(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_cfg(qdir, data["belle"], tmp_path / "cut"), on_step=stop)
+    assert sorted(os.listdir(tmp_path / "cut")) == ["checkpoint-2"]  # step 3 never reached a checkpoint
+    with pytest.raises(FinetuneError, match="--resume"):
+        finetune(_cfg(qdir, data["belle"], tmp_path / "cut"))
+    from bluelm_quant.workdir import ResumeError
+
+    with pytest.raises(ResumeError, match="learning_rate"):
+        finetune(_cfg(qdir, data["belle"], tmp_path / "cut", resume=True, learning_rate=5e-3))
+    report = finetune(_cfg(qdir, data["belle"], tmp_path / "cut", resume=True))
+    assert report["steps"] == 4 and len(report["losses"]) == 4
+    a, b = _adapter_tensors(str(tmp_path / "whole")), _adapter_tensors(str(tmp_path / "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(qdir, data, tmp_path):
+    plain = finetune(_cfg(qdir, data["pr"], tmp_path / "a", max_steps=2, lora_dropout=0.0))
+    ckpt = finetune(_cfg(qdir, data["pr"], tmp_path / "b", max_steps=2, lora_dropout=0.0, gradient_checkpointing=True))
+    assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    a, b = _adapter_tensors(str(tmp_path / "a")), _adapter_tensors(str(tmp_path / "b"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
+
+
+def test_merged_model_equals_base_plus_adapter(qdir, data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from bluelm_quant.loading import load_quantized
+    from bluelm_quant.merge import merge_adapter
+
+    finetune(_cfg(qdir, data["pr"], tmp_path / "run", max_steps=3, lora_target="q_proj,up_proj,down_proj"))
+    tuned = lora.load_adapter(load_quantized(qdir, dtype=torch.float32), str(tmp_path / "run"))
+    merge_adapter(qdir, str(tmp_path / "run"), str(tmp_path / "merged"), dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    assert not hasattr(merged.config, "quantization_config")
+    ids = tokens(batch=2, seq=16, vocab=258, seed=5)
+    with torch.no_grad():
+        want, got = tuned(input_ids=ids).logits, merged(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    with torch.no_grad(), tuned.disable_adapter():
+        untuned = tuned(input_ids=ids).logits
+    assert (untuned - want).abs().max() > 100 * (got - want).abs().max()  # the adapter mattered
+
+
+# --- the tools ---------------------------------------------------------------------------------
+
+
+def _run_cli(main, argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr()
+
+
+def test_finetune_tool_bad_input_is_one_line(qdir, data, tmp_path, capsys):
+    from bluelm_quant.cli import finetune as cli
+
+    base = ["--model", qdir, "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "-q"]
+    cases = [
+        (["--train_file", data["columns"], "--prompt_column", "prompt", "--response_column", "answer"],
+         r"no column 'prompt' \(columns found: answer, question\)"),
+        (["--train_file", data["empty"]], "holds no records"),
+        (["--train_file", data["belle"], "--lora_rank", "0"], "lora_rank=0 must be a positive integer"),
+        (["--train_file", data["belle"], "--lora_target", "qkv"],
+         r"target modules \['qkv'\] match no Linear layer; the model's Linear layers are: down_proj, gate_proj, k_proj, "
+         r"lm_head, o_proj, q_proj, up_proj, v_proj \(e\.g\. model\.layers\.0\.self_attn\.q_proj\)"),
+    ]
+    for extra, message in cases:
+        code, out = _run_cli(cli.main, base + extra, capsys)
+        lines = out.err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.err
+        assert re.search(message, lines[0]), lines[0]
+
+
+def test_adapter_flags_and_a_foreign_adapter(qdir, data, tmp_path, capsys):
+    from bluelm_quant.cli import eval_ppl
+
+    finetune(_cfg(qdir, data["pr"], tmp_path / "run", max_steps=1))
+    text = tmp_path / "t.txt"
+    text.write_text("A cat. A dog. A sun. " * 20)
+    code, out = _run_cli(eval_ppl.main, ["--model", qdir, "--text", str(text), "--seqlen", "32", "--max-windows", "2",
+                                          "--adapter", str(tmp_path / "run"), "--device", "cpu"], capsys)
+    assert code == 0 and "perplexity" in out.out and "+ adapter" in out.err
+    other = tmp_path / "other"
+    model = tiny_llama(vocab_size=258, hidden_size=96, seed=1)
+    replace_linear(model, QuantConfig(bits=4, group_size=32), quantize=True)
+    save_quantized(model, str(other), QuantConfig(bits=4, group_size=32), tokenizer=byte_tokenizer())
+    code, out = _run_cli(eval_ppl.main, ["--model", str(other), "--text", str(text), "--seqlen", "32", "--max-windows", "1",
+                                          "--adapter", str(tmp_path / "run"), "--device", "cpu"], capsys)
+    assert code == 2 and len(out.err.strip().splitlines()) == 1
+    assert re.search(r"model\.layers\.0\.mlp\.down_proj is 128 -> 96 here, but the adapter's lora_B is \[64, 4\] "
+                     r"\(expected \[96, r\]\); the adapter was trained on .*q4", out.err), out.err

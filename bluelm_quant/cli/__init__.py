@@ -3,6 +3,8 @@
     bluelm-quantize   quantize.py   full-precision model -> 4-bit GPTQ checkpoint (demo with no arguments)
     bluelm-chat       chat.py       multi-turn chat in the terminal
     bluelm-eval-ppl   eval_ppl.py   perplexity of a model directory on a text
+    bluelm-finetune   finetune.py   LoRA fine-tuning of a 4-bit model (demo with no arguments)
+    bluelm-merge-adapter  merge_adapter.py  base + LoRA adapter -> one full-precision (or re-quantized) model
 
 `python tools/<name>.py` runs the same code. Every tool maps its flags onto a library call;
 an expected failure (bad input, a missing file, a device that cannot run the model) is one
@@ -22,18 +24,21 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from ..chat import ChatError
     from ..config import QuantConfigError
     from ..data import CalibrationDataError
+    from ..finetune import FinetuneError
     from ..gptq import GPTQError
     from ..layer_job import NonFiniteActivationError
+    from ..lora import LoRAError
     from ..models import UnsupportedModelError
     from ..models.bluelm import BlueLMConfigError, BlueLMTokenizerError
     from ..placement import DeviceError, DeviceMemoryError
+    from ..sft_data import FinetuneDataError
     from ..shards import CheckpointError
     from ..smollm2 import SmolLM2Error
     from ..workdir import ResumeError
 
     return (QuantConfigError, CheckpointError, ResumeError, FileExistsError, CalibrationDataError, UnsupportedModelError,
             NonFiniteActivationError, GPTQError, SmolLM2Error, DeviceError, DeviceMemoryError, ChatError,
-            BlueLMConfigError, BlueLMTokenizerError)
+            BlueLMConfigError, BlueLMTokenizerError, FinetuneError, FinetuneDataError, LoRAError)
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
