@@ -109,10 +109,19 @@ def schedule(cfg: FinetuneConfig) -> Callable[[int], float]:
 
 
 def loss_sum(model, batch: dict, device) -> tuple[torch.Tensor, int]:
-    """(sum of the next-token losses over the labelled tokens, their count)."""
+    """(sum of the next-token losses over the labelled tokens, their count).
+
+    Logits are computed only from the first position that predicts a response token on
+    (`logits_to_keep`): the output head over a 49k-100k vocabulary is a large share of a
+    step's compute and memory, and the prompt's logits are never used.
+    """
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    target = labels[:, 1:]
+    target = labels[:, 1:]  # position p predicts token p + 1
+    used = (target != IGNORE).any(dim=0).nonzero()
+    start = int(used[0]) if used.numel() else 0
+    keep = torch.arange(start, ids.shape[1] - 1, device=ids.device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+    target = target[:, start:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
     return loss, int((target != IGNORE).sum())
 

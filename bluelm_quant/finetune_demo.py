@@ -26,7 +26,7 @@ DEV_FILE = TEXTS_DIR / "sft_demo_dev.jsonl"
 OUTPUT_DIR = "out/smollm2-lora-demo"
 # Flag defaults of the demo (what the user did not set on the command line).
 SETTINGS = dict(lora_rank=8, lora_alpha=16.0, lora_dropout=0.05, seq_len=256, batch_size_per_device=4,
-                gradient_accumulation_steps=1, max_steps=60, save_steps=20, learning_rate=1e-3, warmup_steps=5)
+                gradient_accumulation_steps=1, max_steps=40, save_steps=20, learning_rate=1e-3, warmup_steps=5)
 PROMPTS = ("Why do cats purr?", "为什么要多喝水？")
 
 

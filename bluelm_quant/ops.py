@@ -482,7 +482,17 @@ def _dequantize_kernel_ok(layer: QLayer, dtype: torch.dtype) -> bool:
         return False
     key = (device, dtype, layer.bits, layer.group_size, layer.perm is not None, layer.in_features,
            _cpu_isa if device.type == "cpu" else None)
-    return kernel_check.STATE.path_ok(key, "dequantize + matmul", lambda: _self_check(layer, dtype, device))
+    return kernel_check.STATE.path_ok(key, "dequantize", lambda: _dequantize_self_check(layer, dtype))
+
+
+def _dequantize_self_check(layer: QLayer, dtype: torch.dtype) -> dict[str, tuple[float, float]]:
+    """The compiled dequantize against the reference on the layer's first CHECK_COLUMNS output columns."""
+    n = min(layer.qweight.shape[1], kernel_check.CHECK_COLUMNS)
+    qweight, qzeros = layer.qweight[:, :n].contiguous(), layer.qzeros[:, : n * layer.bits // 32].contiguous()
+    scales = layer.scales[:, :n].to(dtype).contiguous()
+    ref = dequantize_reference(qweight, qzeros, scales.float(), layer.kernel_g_idx(), layer.bits, torch.float32)
+    got = torch.ops.bluelm_quant.dequantize_4bit(qweight, qzeros, scales, layer.group_size, dtype).float()
+    return {"dequantize": (float((got - ref).abs().max()), float(ref.abs().max()))}
 
 
 # --- int8 weights (the quantized lm_head) -------------------------------------------------------

@@ -114,6 +114,23 @@ def test_the_weight_stays_frozen_and_no_full_copy_is_saved():
     assert list(layer.parameters()) == []
 
 
+def test_the_compiled_dequantize_is_checked_once_per_configuration(monkeypatch):
+    from bluelm_quant import kernel_check, ops
+
+    if ops._ext is None:
+        pytest.skip("no compiled extension")
+    calls = []
+    real = ops._dequantize_self_check
+    monkeypatch.setattr(ops, "_dequantize_self_check", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernel_check.STATE, "verdicts", {})
+    layer = _quant_linear(128, 64, 4, 32, False, True, False)
+    for _ in range(3):
+        x = torch.randn(3, 128, requires_grad=True)
+        layer(x).sum().backward()
+    assert len(calls) == 1
+    assert any(r["config"].endswith("dequantize") and r["ok"] for r in kernel_check.report())
+
+
 def test_no_grad_and_inference_paths_are_unchanged():
     layer = _quant_linear(128, 64, 4, 32, False, True, True)
     x = torch.randn(3, 128)
@@ -377,6 +394,21 @@ def test_the_loss_counts_response_tokens_only(data):
     assert style == "raw" and bluelm[0].input_ids[-4:] == list(b"cat") + [tok.eos_token_id]
 
 
+def test_loss_sum_equals_the_loss_over_all_logits(data):
+    import torch.nn.functional as F
+
+    from bluelm_quant.finetune import loss_sum
+
+    examples, _ = sft_data.load_examples(data["belle"], byte_tokenizer(), "llama", seq_len=64)
+    batch = sft_data.collate(examples[:3], 257)
+    model = tiny_llama(vocab_size=258)
+    total, count = loss_sum(model, batch, torch.device("cpu"))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    want = F.cross_entropy(logits.reshape(-1, 258), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    assert count == sum(e.response_tokens for e in examples[:3])
+    torch.testing.assert_close(total, want, atol=1e-4, rtol=1e-5)
+
+
 def test_bad_data_is_a_one_line_error(data):
     with pytest.raises(sft_data.FinetuneDataError, match=r"no column 'prompt'.*columns found: answer, question"):
         sft_data.read_pairs(data["columns"], "prompt", "answer")
@@ -454,6 +486,21 @@ def test_merged_model_equals_base_plus_adapter(qdir, data, tmp_path):
     assert (untuned - want).abs().max() > 100 * (got - want).abs().max()  # the adapter mattered
 
 
+def test_merge_tool_requantizes_with_the_base_settings(qdir, data, tmp_path, capsys):
+    from bluelm_quant.cli import merge_adapter
+    from bluelm_quant.modeldir import ModelDir
+
+    finetune(_cfg(qdir, data["pr"], tmp_path / "run", max_steps=1))
+    out = tmp_path / "merged"
+    code, printed = _run_cli(merge_adapter.main, ["--model", qdir, "--adapter", str(tmp_path / "run"), "--out", str(out),
+                                                  "--requantize", "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "-q"], capsys)
+    assert code == 0, printed.err
+    merged, requantized = ModelDir(str(out)), ModelDir(str(out) + "-gptq")
+    assert not merged.is_quantized and requantized.is_quantized
+    base = ModelDir(qdir).quant
+    assert (requantized.quant.bits, requantized.quant.group_size, requantized.quant.sym) == (base.bits, base.group_size, base.sym)
+
+
 # --- the tools ---------------------------------------------------------------------------------
 
 
@@ -500,3 +547,20 @@ def test_adapter_flags_and_a_foreign_adapter(qdir, data, tmp_path, capsys):
     assert code == 2 and len(out.err.strip().splitlines()) == 1
     assert re.search(r"model\.layers\.0\.mlp\.down_proj is 128 -> 96 here, but the adapter's lora_B is \[64, 4\] "
                      r"\(expected \[96, r\]\); the adapter was trained on .*q4", out.err), out.err
+
+
+@pytest.mark.slow  # a dozen child processes, each importing torch, transformers and peft
+def test_memory_bench_runs_at_toy_size(tmp_path, capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench_finetune_memory.py")
+    spec = importlib.util.spec_from_file_location("bench_finetune_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert bench.main(["--dir", str(tmp_path / "ck"), "--hidden", "256", "--intermediate", "512", "--heads", "4",
+                       "--vocab", "1000", "--seq-len", "32", "--steps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert set(rows) == {f"{k} ckpt={c}" for k in ("4-bit", "bf16") for c in (False, True)}
+    assert rows["4-bit ckpt=False"]["weights_per_layer"] < rows["bf16 ckpt=False"]["weights_per_layer"] / 3
+    assert "Estimate for a whole 32-layer 7B" in capsys.readouterr().out

@@ -23,6 +23,7 @@ import argparse
 import logging
 import resource
 import sys
+import warnings
 
 from . import add_debug_flag, run_tool
 
@@ -75,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start over in an --output_dir that holds an earlier run's checkpoints")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype of the base model (default: float32 on CPU, the checkpoint's on GPU)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core; on a busy machine 1 "
+                                               "can be several times faster than oversubscribed cores)")
     p.add_argument("--cache-dir", help="where the demo model is cached (default ~/.cache/bluelm-quant or $BLUELM_QUANT_CACHE)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_debug_flag(p)
@@ -98,6 +101,10 @@ def finetune_command(args: argparse.Namespace) -> int:
     from ..finetune import FinetuneConfig, finetune
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # PEFT asks transformers 5.20+ for the old name of a property; the warning is not the user's to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     is_demo = args.model is None
     defaults = demo.SETTINGS if is_demo else DEFAULTS
     for name, value in defaults.items():
@@ -107,6 +114,8 @@ def finetune_command(args: argparse.Namespace) -> int:
         print("No --model / --train_file given: the built-in demo (4-bit SmolLM2-135M-Instruct, bundled en+zh instructions).")
         args.model = str(demo.demo_model(args.cache_dir, progress=not args.quiet))
         args.train_file, args.dev_file = str(demo.TRAIN_FILE), args.dev_file or str(demo.DEV_FILE)
+    # The demo may replace its own default output on a re-run, never a directory the user named.
+    replace_default = is_demo and args.output_dir is None and not args.resume
     args.output_dir = args.output_dir or (demo.OUTPUT_DIR if is_demo else os.path.join("out", os.path.basename(os.path.normpath(args.model)) + "-lora"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = FinetuneConfig(
@@ -118,7 +127,7 @@ def finetune_command(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, save_steps=args.save_steps, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed, device=device,
         dtype=getattr(torch, args.dtype) if args.dtype else None, max_dev_examples=args.max_dev_examples,
-        save_total_limit=args.save_total_limit, resume=args.resume, overwrite=args.overwrite or (is_demo and not args.resume),
+        save_total_limit=args.save_total_limit, resume=args.resume, overwrite=args.overwrite or replace_default,
         progress=not args.quiet,
     )
     report = finetune(cfg)
