@@ -269,7 +269,7 @@ def load_documents(source: Union[Source, str, os.PathLike], tokenizer=None) -> l
         raise CalibrationDataError(
             f"{path}: unknown extension {ext!r}; use .txt (plain text), .jsonl or .json (records)"
         )
-    records = list(_read_records(path))
+    records = list(read_records(path))
     if not records:
         raise CalibrationDataError(f"{path} holds no records")
     fmt = _record_formatter(src, path, records[0][1], tokenizer)
@@ -302,7 +302,7 @@ def _read_text(path: Path) -> str:
         raise CalibrationDataError(f"cannot read calibration source {path}: {e.strerror or e}") from None
 
 
-def _read_records(path: Path) -> Iterable[tuple[str, dict]]:
+def read_records(path: Path) -> Iterable[tuple[str, dict]]:
     """Yields (location, record); location is "file:line" for error messages."""
     text = _read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
@@ -351,7 +351,27 @@ def _record_formatter(src: Source, path: Path, first: dict, tokenizer):
             return src.template.format_map({n: _field(rec, n, where) for n in names})
         return fmt_template
 
-    name = src.fields or next(
+    name = detect_fields(path, first, src.fields)
+    preset = PRESETS[name]
+    if src.chat is not None and not preset.chat_ok:
+        raise CalibrationDataError(
+            f"{path}: fields={name!r} records are not prompt/response pairs to format as a chat"
+        )
+    chat = _chat_formatter(src.chat, tokenizer, path)
+
+    def fmt_preset(rec, where):
+        prompt, response = record_pair(rec, name, where)
+        if chat is not None:
+            return chat(prompt, response)
+        return preset.joiner.join(p for p in (prompt, response) if p)
+    return fmt_preset
+
+
+def detect_fields(path, first: dict, fields: str | None = None) -> str:
+    """The record format (a PRESETS name) of a file whose first record is `first`; `fields` when given.
+
+    Shared with the fine-tuning reader (sft_data.py)."""
+    name = fields or next(
         (n for n in _DETECT_ORDER
          if all(f in first for f in PRESETS[n].prompt + (PRESETS[n].response,)
                 if f not in PRESETS[n].optional)),
@@ -363,22 +383,16 @@ def _record_formatter(src: Source, path: Path, first: dict, tokenizer):
             f"{sorted(first)}; pass Source(path, fields=one of {sorted(PRESETS)}) "
             "or Source(path, template='{a}\\n{b}')"
         )
-    preset = PRESETS[name]
-    if src.chat is not None and not preset.chat_ok:
-        raise CalibrationDataError(
-            f"{path}: fields={name!r} records are not prompt/response pairs to format as a chat"
-        )
-    chat = _chat_formatter(src.chat, tokenizer, path)
+    return name
 
-    def fmt_preset(rec, where):
-        prompt = "\n".join(
-            v for v in (_field(rec, f, where, f in preset.optional) for f in preset.prompt) if v
-        )
-        response = _field(rec, preset.response, where)
-        if chat is not None:
-            return chat(prompt, response)
-        return preset.joiner.join(p for p in (prompt, response) if p)
-    return fmt_preset
+
+def record_pair(rec: dict, fields: str, where: str) -> tuple[str, str]:
+    """(prompt, response) of one record in format `fields` (the prompt fields joined by newlines)."""
+    preset = PRESETS[fields]
+    prompt = "\n".join(
+        v for v in (_field(rec, f, where, f in preset.optional) for f in preset.prompt) if v
+    )
+    return prompt, _field(rec, preset.response, where)
 
 
 def _chat_formatter(chat: ChatFormat, tokenizer, path: Path):

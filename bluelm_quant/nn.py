@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .autograd import quant_matmul
 from .config import QuantConfig, SUPPORTED_BITS
 from .packing import gptq_tensors, pack_multiple
 from .quantizer import QuantizedWeight, default_g_idx, rtn
@@ -132,7 +133,16 @@ class QuantLinear(nn.Module):
         return ops.dequantize(self.quant_layer(), dtype).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.gemm(x, self.quant_layer())
+        # Differentiable in x (autograd.QuantMatmul: LoRA training); the quantized weight is frozen.
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return quant_matmul(x, self.quant_layer())
+        # Like nn.Linear under autocast: compute and return the autocast dtype. The cast is
+        # autograd's (gradients come back in x's dtype); the kernels run with autocast off so
+        # that it does not re-round their inner matmuls.
+        x = x.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
+            return quant_matmul(x, self.quant_layer())
 
     def extra_repr(self) -> str:
         return (

@@ -4,6 +4,8 @@
     bluelm-chat       chat.py       multi-turn chat in the terminal
     bluelm-eval-ppl   eval_ppl.py   perplexity of a model directory on a text
     bluelm-convert    convert.py    a 4-bit checkpoint -> the standard GPTQ layout vLLM serves
+    bluelm-finetune   finetune.py   LoRA fine-tuning of a 4-bit model (demo with no arguments)
+    bluelm-merge-adapter  merge_adapter.py  base + LoRA adapter -> one full-precision (or re-quantized) model
 
 `python tools/<name>.py` runs the same code. Every tool maps its flags onto a library call;
 an expected failure (bad input, a missing file, a device that cannot run the model, a file
@@ -28,13 +30,16 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from ..config import QuantConfigError
     from ..data import CalibrationDataError
     from ..evaluate import EvaluationError
+    from ..finetune import FinetuneError
     from ..gptq import GPTQError
     from ..layer_job import NonFiniteActivationError
     from ..lock import OutputLockError
+    from ..lora import LoRAError
     from ..models import UnsupportedModelError
     from ..models.bluelm import BlueLMConfigError, BlueLMTokenizerError
     from ..outputs import OutputError
     from ..placement import DeviceError, DeviceMemoryError
+    from ..sft_data import FinetuneDataError
     from ..shards import CheckpointError
     from ..smollm2 import SmolLM2Error
     from ..workdir import ResumeError
@@ -43,7 +48,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     # directory) is still the environment, not a bug.
     return (QuantConfigError, CheckpointError, ResumeError, OutputError, OutputLockError, CalibrationDataError,
             UnsupportedModelError, NonFiniteActivationError, GPTQError, SmolLM2Error, DeviceError, DeviceMemoryError,
-            ChatError, BlueLMConfigError, BlueLMTokenizerError, EvaluationError, OSError)
+            ChatError, BlueLMConfigError, BlueLMTokenizerError, EvaluationError, FinetuneError, FinetuneDataError,
+            LoRAError, OSError)
 
 
 def error_line(e: BaseException) -> str:

@@ -21,6 +21,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bluelm-chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory (full precision or 4-bit)")
+    p.add_argument("--adapter", help="a LoRA adapter directory trained on --model (bluelm-finetune's output; needs peft)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=positive_int, default=512, help="longest reply in tokens (default 512, BlueLM's demo)")
@@ -49,6 +50,10 @@ def chat_command(args: argparse.Namespace) -> int:
     configure_logging()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    if args.adapter:
+        from ..lora import load_adapter
+
+        model = load_adapter(model, args.adapter)
     generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, repetition_penalty=args.repetition_penalty)
     if args.do_sample:
         generation.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)

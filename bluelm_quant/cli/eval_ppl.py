@@ -23,6 +23,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bluelm-eval-ppl", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory, or 'smollm2' for the built-in SmolLM2-135M-Instruct")
+    p.add_argument("--adapter", help="a LoRA adapter directory trained on --model: score base + adapter (needs peft)")
     p.add_argument("--text", default="en", help="a UTF-8 text file, or 'en' / 'zh' for the bundled held-out texts (default en)")
     p.add_argument("--seqlen", type=positive_int, default=512,
                    help="tokens per window, at least 2; the first of each is context only (default 512)")
@@ -98,9 +99,14 @@ def eval_command(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     start = time.time()
     model, tokenizer = _load(model_dir, device, dtype, args.trust_remote_code)
+    if args.adapter:
+        from ..lora import load_adapter
+
+        model = load_adapter(model, args.adapter)
     loaded = time.time()
     ppl = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size)
-    print(f"model {model_dir} text {args.text} seqlen {args.seqlen} dtype {dtype} device {device}: "
+    adapter = f" + adapter {args.adapter}" if args.adapter else ""
+    print(f"model {model_dir}{adapter} text {args.text} seqlen {args.seqlen} dtype {dtype} device {device}: "
           f"load {loaded - start:.1f}s, eval {time.time() - loaded:.1f}s", file=sys.stderr)
     print(f"perplexity {ppl:.4f}")
     return 0
