@@ -158,7 +158,9 @@ def _print_table(rows: dict, args) -> None:
           " default thread count, the fastest of --steps steps; on a busy machine only a rough guide)")
     for ckpt in (False, True):
         q, b = rows[("4-bit", ckpt)]["per_layer"], rows[("bf16", ckpt)]["per_layer"]
-        print(f"per-layer peak, 4-bit / bf16, checkpointing {'on' if ckpt else 'off'}: {q / b:.2f}")
+        # At toy sizes a second layer can fit in memory the first one freed: no growth to divide by.
+        ratio = f"{q / b:.2f}" if b > 0 else "n/a (the bf16 run did not grow with its second layer)"
+        print(f"per-layer peak, 4-bit / bf16, checkpointing {'on' if ckpt else 'off'}: {ratio}")
     print(f"\nEstimate for a whole {args.full_layers}-layer 7B on a GPU (seq_len {args.seq_len}, batch 1):")
     embed = 2 * args.vocab * args.hidden * 2
     logits = args.seq_len * args.vocab * (2 + 4) * 2
