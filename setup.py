@@ -40,6 +40,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "plot": ["matplotlib>=3.5"],  # the quantization report's loss plot
     "smollm2": ["gguf>=0.10"],  # the built-in SmolLM2 demo model ships as a GGUF file
+    # LoRA fine-tuning (bluelm_quant/lora.py, tools/finetune.py); tested with peft 0.21.2.
+    "lora": ["peft>=0.21,<0.22"],
 }
 
 setup(
@@ -59,6 +61,8 @@ setup(
             "bluelm-chat = bluelm_quant.cli.chat:main",
             "bluelm-eval-ppl = bluelm_quant.cli.eval_ppl:main",
             "bluelm-convert = bluelm_quant.cli.convert:main",
+            "bluelm-finetune = bluelm_quant.cli.finetune:main",
+            "bluelm-merge-adapter = bluelm_quant.cli.merge_adapter:main",
         ],
         # vLLM calls every `vllm.general_plugins` entry point in each of its processes:
         # this one registers BlueLM (bluelm_quant/vllm_plugin.py; a no-op without vLLM).

@@ -17,6 +17,8 @@ g_idx: the standard order of qweight's rows is not groups of consecutive rows, a
 ignores g_idx), or partial groups.
 
 The source is only read; the output is written to a temporary directory and renamed into place.
+An output that is, is inside or contains the source, and an --overwrite of a directory that is
+not a checkpoint, are refused (outputs.py).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .atomic import atomic_directory
 from .config import QuantConfig
 from .engines import engine_notes
 from .modeldir import CONFIG_FILE, ModelDir
+from .outputs import check_not_source, check_replaceable
 from .packing import convert_qzeros, unpack_qzeros
 from .quantizer import default_g_idx
 from .saving import DEFAULT_MAX_SHARD, copy_model_files, write_configs, write_shards
@@ -81,7 +84,9 @@ def convert(source: str, out: str, dtype: str | None = None, overwrite: bool = F
             max_shard_size: int = DEFAULT_MAX_SHARD) -> ConversionReport:
     """Rewrite the checkpoint at `source` into the standard layout at `out` (see the module docstring)."""
     model_dir = ModelDir(source)
-    _check_paths(model_dir.path, out)
+    check_not_source(model_dir.path, out)
+    if overwrite and os.path.lexists(out):
+        check_replaceable(out)  # a checkpoint or an empty directory, never the user's other files
     config = model_dir.require_quant()
     modules = sorted({k.rpartition(".")[0] for k in model_dir.reader.keys() if k.endswith(".qweight")})
     report = ConversionReport(model_dir.layout, config, target_dtype(model_dir, dtype))
@@ -98,12 +103,6 @@ def convert(source: str, out: str, dtype: str | None = None, overwrite: bool = F
     model_dir.close()
     report.notes += engine_notes(plan)
     return report
-
-
-def _check_paths(source: str, out: str) -> None:
-    src, dst = os.path.realpath(source), os.path.realpath(out)
-    if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
-        raise ConversionError(f"--out {out} is, or is inside, or contains the source {source}: choose another directory")
 
 
 def _plan(model_dir: ModelDir, modules: list[str], report: ConversionReport) -> QuantConfig:

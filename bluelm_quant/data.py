@@ -256,13 +256,12 @@ def load_documents(source: Union[Source, str, os.PathLike], tokenizer=None) -> l
     """The documents of one source as strings (`tokenizer` only for chat='template')."""
     src = source if isinstance(source, Source) else Source(source)
     path = Path(src.path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration source {path} does not exist")
+    _check_readable(path)
     ext = path.suffix.lower()
     if ext == ".txt":
         if src.fields or src.template or src.chat:
             raise CalibrationDataError(f"{path}: fields/template/chat apply to .json/.jsonl only")
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         if not text.strip():
             raise CalibrationDataError(f"{path} is empty")
         return [text]
@@ -270,7 +269,7 @@ def load_documents(source: Union[Source, str, os.PathLike], tokenizer=None) -> l
         raise CalibrationDataError(
             f"{path}: unknown extension {ext!r}; use .txt (plain text), .jsonl or .json (records)"
         )
-    records = list(_read_records(path))
+    records = list(read_records(path))
     if not records:
         raise CalibrationDataError(f"{path} holds no records")
     fmt = _record_formatter(src, path, records[0][1], tokenizer)
@@ -280,9 +279,32 @@ def load_documents(source: Union[Source, str, os.PathLike], tokenizer=None) -> l
     return docs
 
 
-def _read_records(path: Path) -> Iterable[tuple[str, dict]]:
+def _check_readable(path: Path) -> None:
+    if path.is_dir():
+        raise CalibrationDataError(
+            f"calibration source {path} is a directory; give the files in it (for example {path}/*.txt)"
+        )
+    if not path.exists():
+        raise CalibrationDataError(f"calibration source {path} does not exist")
+    if not path.is_file():
+        raise CalibrationDataError(f"calibration source {path} is not a regular file")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationDataError(
+            f"calibration source {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "give .txt / .jsonl / .json files saved as UTF-8"
+        ) from None
+    except OSError as e:
+        raise CalibrationDataError(f"cannot read calibration source {path}: {e.strerror or e}") from None
+
+
+def read_records(path: Path) -> Iterable[tuple[str, dict]]:
     """Yields (location, record); location is "file:line" for error messages."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -329,7 +351,27 @@ def _record_formatter(src: Source, path: Path, first: dict, tokenizer):
             return src.template.format_map({n: _field(rec, n, where) for n in names})
         return fmt_template
 
-    name = src.fields or next(
+    name = detect_fields(path, first, src.fields)
+    preset = PRESETS[name]
+    if src.chat is not None and not preset.chat_ok:
+        raise CalibrationDataError(
+            f"{path}: fields={name!r} records are not prompt/response pairs to format as a chat"
+        )
+    chat = _chat_formatter(src.chat, tokenizer, path)
+
+    def fmt_preset(rec, where):
+        prompt, response = record_pair(rec, name, where)
+        if chat is not None:
+            return chat(prompt, response)
+        return preset.joiner.join(p for p in (prompt, response) if p)
+    return fmt_preset
+
+
+def detect_fields(path, first: dict, fields: str | None = None) -> str:
+    """The record format (a PRESETS name) of a file whose first record is `first`; `fields` when given.
+
+    Shared with the fine-tuning reader (sft_data.py)."""
+    name = fields or next(
         (n for n in _DETECT_ORDER
          if all(f in first for f in PRESETS[n].prompt + (PRESETS[n].response,)
                 if f not in PRESETS[n].optional)),
@@ -341,22 +383,16 @@ def _record_formatter(src: Source, path: Path, first: dict, tokenizer):
             f"{sorted(first)}; pass Source(path, fields=one of {sorted(PRESETS)}) "
             "or Source(path, template='{a}\\n{b}')"
         )
-    preset = PRESETS[name]
-    if src.chat is not None and not preset.chat_ok:
-        raise CalibrationDataError(
-            f"{path}: fields={name!r} records are not prompt/response pairs to format as a chat"
-        )
-    chat = _chat_formatter(src.chat, tokenizer, path)
+    return name
 
-    def fmt_preset(rec, where):
-        prompt = "\n".join(
-            v for v in (_field(rec, f, where, f in preset.optional) for f in preset.prompt) if v
-        )
-        response = _field(rec, preset.response, where)
-        if chat is not None:
-            return chat(prompt, response)
-        return preset.joiner.join(p for p in (prompt, response) if p)
-    return fmt_preset
+
+def record_pair(rec: dict, fields: str, where: str) -> tuple[str, str]:
+    """(prompt, response) of one record in format `fields` (the prompt fields joined by newlines)."""
+    preset = PRESETS[fields]
+    prompt = "\n".join(
+        v for v in (_field(rec, f, where, f in preset.optional) for f in preset.prompt) if v
+    )
+    return prompt, _field(rec, preset.response, where)
 
 
 def _chat_formatter(chat: ChatFormat, tokenizer, path: Path):
@@ -426,7 +462,7 @@ def calibration_windows(tokenizer, sources: Sequence | None = None, nsamples: in
     same tensor.
     """
     if nsamples < 1 or seqlen < 1:
-        raise ValueError(f"nsamples={nsamples} and seqlen={seqlen} must be positive")
+        raise CalibrationDataError(f"nsamples={nsamples} and seqlen={seqlen} must be positive")
     sources = default_sources() if sources is None else list(sources)
     if not sources:
         raise CalibrationDataError("sources is empty; pass None for the bundled texts")

@@ -20,20 +20,24 @@ from tqdm.auto import tqdm
 from .placement import model_device
 
 
+class EvaluationError(ValueError):
+    """The text or the settings give nothing to score (too short a text, a window under 2 tokens)."""
+
+
 def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """LongTensor [n, seqlen] of consecutive, non-overlapping windows of `text`."""
     if seqlen < 2:
-        raise ValueError(f"seqlen={seqlen}: a window needs at least 2 tokens to score one")
+        raise EvaluationError(f"seqlen={seqlen}: a window needs at least 2 tokens to score one")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n = len(ids) // seqlen
     if n == 0:
-        raise ValueError(
+        raise EvaluationError(
             f"the text gives {len(ids)} tokens, fewer than one window of seqlen={seqlen}; "
             "use a longer text or a smaller seqlen"
         )
     if max_windows is not None:
         if max_windows < 1:
-            raise ValueError(f"max_windows={max_windows} must be positive (or None for all)")
+            raise EvaluationError(f"max_windows={max_windows} must be positive (or None for all)")
         n = min(n, max_windows)
     return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
 
@@ -63,7 +67,7 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1,
                progress: bool = True) -> tuple[float, int]:
     """(sum of NLL in nats, number of predicted tokens) over `windows` [n, seqlen]."""
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be positive")
+        raise EvaluationError(f"batch_size={batch_size} must be positive")
     device = model_device(model)
     kwargs = _forward_kwargs(model)
     total, count = 0.0, 0

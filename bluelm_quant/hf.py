@@ -68,18 +68,22 @@ def load_model_and_tokenizer(path: str, device="cpu", dtype: torch.dtype | None 
     are read. dtype: compute dtype (default: the config's torch_dtype). lm_head_bits: 8 or 4
     quantize a 4-bit checkpoint's lm_head at load time (load_quantized).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     register_auto_classes()
     model_dir = ModelDir(path)
     if lm_head_bits != 16 and not model_dir.is_quantized:
         raise ValueError(f"lm_head_bits={lm_head_bits}: {path} is a full-precision model; a quantized lm_head "
                          "comes with a 4-bit checkpoint only (quantize it first, or leave lm_head_bits at 16)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = model_dir.load_tokenizer()
     if model_dir.is_quantized:
         model = load_quantized(model_dir, device=device, dtype=dtype, lm_head_bits=lm_head_bits)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, config=model_dir.hf_config(), dtype=dtype or "auto")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, config=model_dir.hf_config(), dtype=dtype or "auto")
+        except OSError as e:  # transformers' way of saying the weight files are missing or unreadable
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot load the weights of {path}: {first}") from e
         model = model.to(device).eval()
     problem = tokenizer_vocab_mismatch(model.get_input_embeddings().num_embeddings, tokenizer)
     if problem:

@@ -23,10 +23,11 @@ from . import cpu_attention
 from .auto import register_auto_classes
 from .modeldir import ModelDir
 from .placement import (CPUEmbedding, DeviceMemoryError, Int8Linear, check_dtype, head_bytes, quantize_head_4bit,
-                        resolve_device)
+                        resolve_device, tensor_bytes)
 from .saving import tied_keys
 from .shards import CheckpointError, ShardReader
-from .skeleton import QUANT_SUFFIXES, assign_tensor, build_skeleton, finish_quant_linear, swap_quant_linears
+from .skeleton import (QUANT_SUFFIXES, assign_tensor, build_skeleton, finish_quant_linear, read_copy,
+                       swap_quant_linears)
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,33 @@ def load_quantized(
     return model.eval()
 
 
+def estimate_host_bytes(path, dtype: torch.dtype) -> int:
+    """About how many bytes `load_quantized(path, "cpu", dtype)` holds once it has run: every
+    tensor at `dtype`, plus the kernel's repacks (post_init), measured on one quantized layer and
+    scaled to all of them. Reads headers and one layer's tensors: for deciding whether a load
+    fits before doing it."""
+    model_dir = path if isinstance(path, ModelDir) else ModelDir(path)
+    register_auto_classes()
+    model = build_skeleton(model_dir, dtype)
+    quantized = swap_quant_linears(model, model_dir, dtype)
+    plan = LoadPlan(model, model_dir, quantized, Placement(torch.device("cpu"), dtype))
+    reader = model_dir.reader
+    expected = set(model.state_dict())
+    total = plan.device_bytes(k for k in reader.keys() if k in expected)
+    if quantized:
+        name = quantized[0]
+        stored = plan.device_bytes(plan.pending[name])
+        for key in plan.pending[name]:
+            assign_tensor(model, key, plan.convert(key, read_copy(reader, key)))
+        layer = model.get_submodule(name)
+        finish_quant_linear(layer, f"{name}.g_idx" in reader, model_dir.layout)
+        repack = tensor_bytes(layer, "cpu") - stored
+        all_stored = plan.device_bytes(k for n in quantized for k in plan.pending[n])
+        total += round(all_stored * repack / stored) if stored else 0
+    model_dir.close()
+    return total
+
+
 def _check_free_memory(plan: LoadPlan, expected: set[str]) -> int:
     """Bytes the model needs on a CUDA device (0 elsewhere); a sized error if they are not free."""
     if plan.device.type != "cuda":
@@ -249,6 +277,9 @@ def _check_free_memory(plan: LoadPlan, expected: set[str]) -> int:
 
 def _stream(plan: LoadPlan, expected: set[str]) -> set[str]:
     reader: ShardReader = plan.model_dir.reader
+    # Every tensor, quantized or not, must have the skeleton's shape: a model.norm.weight of
+    # shape [1] would broadcast silently and give garbage logits.
+    shapes = {k: tuple(t.shape) for k, t in plan.model.state_dict(keep_vars=True).items()}
     loaded, unexpected = set(), []
     for file, keys in reader.keys_by_file().items():
         for key in keys:
@@ -257,6 +288,12 @@ def _stream(plan: LoadPlan, expected: set[str]) -> set[str]:
             if key not in expected:
                 unexpected.append(key)
                 continue
+            stored = tuple(reader.shape(key))
+            if key in shapes and stored != shapes[key]:
+                raise CheckpointError(
+                    f"tensor {key} in {reader.directory}/{file} has shape {list(stored)}, but the model its "
+                    f"config.json describes expects {list(shapes[key])}; the checkpoint does not fit its config"
+                )
             plan.place(key, plan.convert(key, reader.get(key, plan.is_transient(key))))
             loaded.add(key)
         reader.release(file)
@@ -276,4 +313,4 @@ def _check_complete(plan: LoadPlan, expected: set[str], loaded: set[str]) -> Non
         raise CheckpointError(f"quantized layers left incomplete after reading {path}: {unfinished[:5]}")
 
 
-__all__ = ["LoadPlan", "Placement", "load_quantized", "oom_message"]
+__all__ = ["LoadPlan", "Placement", "estimate_host_bytes", "load_quantized", "oom_message"]

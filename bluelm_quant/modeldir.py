@@ -112,10 +112,35 @@ class ModelDir:
         if self.config_json_names_quant:
             return QuantConfig.from_dict(self.config["quantization_config"], source=f"{self.path}/{CONFIG_FILE} quantization_config"), CONFIG_FILE
         if self.has_weights() and any(k.endswith(".qweight") for k in self.reader.keys()):
+            if any(k.endswith(".g_idx") for k in self.reader.keys()):
+                raise CheckpointError(self._missing_config_message())
             # Legacy BlueLM-7B-Chat-4bits: bits from the config if it says, group size from shapes.
             bits = self.config.get("quantization_bit", self.config.get("bits", 4))
             return QuantConfig(bits=int(bits), group_size=-1, sym=False), "tensors"
         return None, None
+
+    def _missing_config_message(self) -> str:
+        """For quantized tensors in the standard GPTQ layout (with g_idx: not the legacy layout) and
+        no quantization config: what is missing, and what the tensors say."""
+        reader = self.reader
+        name = sorted(k for k in reader.keys() if k.endswith(".qweight"))[0][: -len(".qweight")]
+        shapes = {s: reader.shape(f"{name}.{s}") for s in ("qweight", "scales", "g_idx") if f"{name}.{s}" in reader}
+        described = ", ".join(f"{name}.{s} {list(shape)}" for s, shape in shapes.items())
+        guess = ""
+        if len(shapes) == 3 and shapes["g_idx"] and shapes["g_idx"][0]:
+            k = shapes["g_idx"][0]
+            bits, groups = shapes["qweight"][0] * 32 / k, shapes["scales"][0]
+            group_size = -1 if groups == 1 else -(-k // groups)
+            g_idx = reader.get(f"{name}.g_idx")
+            act_order = bool((g_idx[1:] < g_idx[:-1]).any())
+            guess = f" (bits={bits:g}, group_size={group_size}, desc_act={str(act_order).lower()})"
+        return (
+            f"{self.path} has quantized GPTQ tensors (*.qweight, *.g_idx) but no quantization config: no {QUANTIZE_CONFIG_FILE} and no "
+            f"quantization_config in {CONFIG_FILE}, so its bits, group size, act-order and grid are unknown. "
+            f"Its tensors look like {described}{guess}. Restore the {QUANTIZE_CONFIG_FILE} that came with the "
+            "checkpoint (or write one with those values and its \"sym\"); only the legacy BlueLM-7B-Chat-4bits "
+            "layout (no g_idx tensors) is read without one"
+        )
 
     @property
     def quant(self) -> QuantConfig | None:
@@ -153,6 +178,26 @@ class ModelDir:
 
     # --- transformers ----------------------------------------------------------------
 
+    def load_tokenizer(self):
+        """transformers' AutoTokenizer for this directory (for BlueLM, call
+        bluelm_quant.auto.register_auto_classes() first); a directory without usable
+        tokenizer files is a CheckpointError naming it."""
+        from transformers import AutoTokenizer
+
+        from .models.bluelm import BlueLMConfigError, BlueLMTokenizerError
+
+        self._check_model_type()
+        try:
+            return AutoTokenizer.from_pretrained(self.path)
+        except (BlueLMConfigError, BlueLMTokenizerError):
+            raise  # already one line that names the file
+        except (OSError, ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"cannot load the tokenizer of {self.path} ({first}); copy the tokenizer files "
+                "(tokenizer.json or tokenizer.model, tokenizer_config.json) of this model into it"
+            ) from e
+
     def hf_config(self, **overrides):
         """The transformers config of this directory for building a model skeleton (for BlueLM,
         call bluelm_quant.auto.register_auto_classes() first).
@@ -162,10 +207,35 @@ class ModelDir:
         """
         from transformers import AutoConfig
 
-        config = self.fit_vocab(AutoConfig.from_pretrained(self.path, **overrides))
+        from .models.bluelm import BlueLMConfigError
+
+        self._check_model_type()
+        try:
+            config = AutoConfig.from_pretrained(self.path, **overrides)
+        except BlueLMConfigError:
+            raise  # already one line that names the file
+        except (OSError, ValueError, KeyError) as e:  # e.g. a model_type transformers does not know
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot read {self.path}/{CONFIG_FILE} as a transformers config: {first}") from e
+        config = self.fit_vocab(config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         return config
+
+    def _check_model_type(self) -> None:
+        """A model_type transformers does not know fails here, in one line (transformers would
+        log a warning about instantiating it first, then raise)."""
+        from transformers import CONFIG_MAPPING
+
+        model_type = self.model_type
+        if model_type is not None and model_type not in CONFIG_MAPPING:
+            import transformers
+
+            raise CheckpointError(
+                f"{self.path}/{CONFIG_FILE} names model_type {model_type!r}, which transformers "
+                f"{transformers.__version__} does not know (and bluelm-quant does not implement); check config.json, "
+                "or use a transformers version that has this model"
+            )
 
     def fit_vocab(self, config):
         """`config`, or a copy of it with vocab_size set to the checkpoint's embedding rows."""

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .autograd import quant_matmul
 from .config import QuantConfig, SUPPORTED_BITS
 from .packing import gptq_tensors, pack_multiple
 from .quantizer import QuantizedWeight, default_g_idx, rtn
@@ -148,12 +149,22 @@ class QuantLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Like nn.Linear under autocast: compute and return the autocast dtype. The cast is
+            # autograd's (gradients come back in x's dtype); the kernels run with autocast off so
+            # that it does not re-round their inner matmuls.
+            x = x.to(torch.get_autocast_dtype(device_type))
+            with torch.autocast(device_type, enabled=False):
+                return quant_matmul(x, self.quant_layer())
         plan = self._plan
-        if plan and ops.plan_applies(plan, x):
+        if plan and ops.plan_applies(plan, x):  # inference: the kernel call decided once (decode steps)
             return ops.run_plan(plan, x)
+        # Differentiable in x (autograd.QuantMatmul: LoRA training); the quantized weight is frozen.
         layer = self.quant_layer()
-        y = ops.gemm(x, layer)
-        if plan is None:  # the first call has run the self-check: decide the fast path once
+        y = quant_matmul(x, layer)
+        if plan is None and not (x.requires_grad and torch.is_grad_enabled()):
+            # the first inference call has run the self-check: decide the fast path once
             self._plan = ops.plan_gemm(x, layer) or False
         return y
 

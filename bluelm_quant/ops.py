@@ -14,8 +14,10 @@ Which path runs (`backend()` says what was built; every fallback is logged once)
              Each configuration checks itself against the reference path on first use
              (kernel_check.py) and falls back to it on a mismatch.
   reference  everything else: 2/3/8-bit, float64, act-order layouts whose groups are not
-             contiguous runs after sorting, x that needs a gradient (the ops have no
-             backward), or no compiled extension.
+             contiguous runs after sorting, or no compiled extension. The ops have no
+             backward: QuantLinear wraps gemm in autograd.QuantMatmul (the input gradient,
+             from `dequantize_columns` blocks); gemm called directly on an x that needs a
+             gradient takes the reference path, whose matmul autograd can differentiate.
 
 The CPU kernels run the best body the CPU has (`cpu_isa()`: amx, avx512, avx2, scalar);
 `set_cpu_isa` or BLUELM_QUANT_CPU_ISA pick a lower one, on as many threads as
@@ -548,6 +550,57 @@ def run_plan(plan: GemmPlan, x: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.view(*x.shape[:-1], plan.out_features)
 
 
+# --- blocks of the weight (the input gradient, autograd.py) -----------------------------------
+
+
+def dequantize_columns(layer: QLayer, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Output columns [start, stop) of W^T: [K, stop - start] in `dtype`, its rows in qweight's
+    stored order (perm order for an act-order kernel layout; row r is input row perm[r]).
+
+    start and stop must be multiples of pack_multiple(bits) (qzeros are packed along N), as are
+    QuantLinear's out_features. The compiled dequantize runs where gemm's "dequantize + matmul"
+    path would (a 4-bit kernel layout, a dtype the device has kernels for, self-check passed);
+    the reference dequantization otherwise.
+    """
+    bits, n = layer.bits, layer.qweight.shape[1]
+    multiple = pack_multiple(bits)
+    if not (0 <= start < stop <= n) or start % multiple or stop % multiple:
+        raise QuantOpError(f"columns [{start}, {stop}) of N={n}: both ends must be multiples of {multiple} at {bits} bits")
+    qweight = layer.qweight[:, start:stop].contiguous()
+    qzeros = layer.qzeros[:, start * bits // 32 : stop * bits // 32].contiguous()
+    scales = layer.scales[:, start:stop].contiguous()
+    if _dequantize_kernel_ok(layer, dtype):
+        return torch.ops.bluelm_quant.dequantize_4bit(qweight, qzeros, scales.to(dtype), layer.group_size, dtype)
+    return dequantize_reference(qweight, qzeros, scales, layer.kernel_g_idx(), bits, dtype)
+
+
+def _dequantize_kernel_ok(layer: QLayer, dtype: torch.dtype) -> bool:
+    device = layer.qweight.device
+    if _ext is None or layer.group_size is None or layer.bits != 4:
+        return False
+    if device.type == "cpu":
+        supported = (torch.float32, torch.bfloat16)
+    elif device.type == "cuda" and _ext.with_cuda:
+        supported = (torch.float16, torch.bfloat16)
+    else:
+        return False
+    if dtype not in supported:
+        return False
+    key = (device, dtype, layer.bits, layer.group_size, layer.perm is not None, layer.in_features,
+           _cpu_isa if device.type == "cpu" else None)
+    return kernel_check.STATE.path_ok(key, "dequantize", lambda: _dequantize_self_check(layer, dtype))
+
+
+def _dequantize_self_check(layer: QLayer, dtype: torch.dtype) -> dict[str, tuple[float, float]]:
+    """The compiled dequantize against the reference on the layer's first CHECK_COLUMNS output columns."""
+    n = min(layer.qweight.shape[1], kernel_check.CHECK_COLUMNS)
+    qweight, qzeros = layer.qweight[:, :n].contiguous(), layer.qzeros[:, : n * layer.bits // 32].contiguous()
+    scales = layer.scales[:, :n].to(dtype).contiguous()
+    ref = dequantize_reference(qweight, qzeros, scales.float(), layer.kernel_g_idx(), layer.bits, torch.float32)
+    got = torch.ops.bluelm_quant.dequantize_4bit(qweight, qzeros, scales, layer.group_size, dtype).float()
+    return {"dequantize": (float((got - ref).abs().max()), float(ref.abs().max()))}
+
+
 # --- int8 weights (the quantized lm_head) -------------------------------------------------------
 
 # From this many activation rows on, placement.Int8Linear dequantizes chunks of rows and calls
@@ -597,6 +650,7 @@ __all__ = [
     "cpu_isa",
     "check_layer",
     "dequantize",
+    "dequantize_columns",
     "dequantize_reference",
     "gemm",
     "gemm_int8",

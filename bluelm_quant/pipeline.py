@@ -23,15 +23,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .assemble import assemble_checkpoint
+from .assemble import assemble_checkpoint, check_copied_tensors
 from .auto import register_auto_classes
 from .capture import capture_first_layer_inputs
 from .config import QuantConfig, QuantConfigError
 from .gptq import all_finite
 from .hardware import cpu_has_native_bf16
 from .layer_job import LayerJob, LayerResult, LayerRun, NonFiniteActivationError
+from .lock import output_lock
 from .modeldir import ModelDir
 from .models import ModelSpec, UnsupportedModelError, spec_for
+from .outputs import writing
 from .packing import pack_multiple
 from .placement import resolve_device
 from .report import write_report
@@ -97,6 +99,13 @@ def preflight(model_dir: str) -> tuple[ModelDir, ModelSpec]:
     return source, spec
 
 
+def linear_in_features(source: ModelDir, spec: ModelSpec) -> list[int]:
+    """The input width of every Linear the run quantizes, from the shard headers (no weights read)."""
+    layers = int(source.config.get("num_hidden_layers", 0))
+    return [source.reader.shape(f"{spec.layer_name(i)}.{n}.weight")[-1]
+            for i in range(layers) for n in spec.linears if f"{spec.layer_name(i)}.{n}.weight" in source.reader]
+
+
 def check_spec(model: nn.Module, spec: ModelSpec, config: QuantConfig) -> None:
     """Every Linear the spec names exists in each layer and packs at this bit width."""
     multiple = pack_multiple(config.bits)
@@ -137,14 +146,23 @@ def quantize_model(model_dir: str, out_dir: str, config: QuantConfig, windows: t
         )
     device = resolve_device(opts.device)
     source, spec = preflight(model_dir)
+    work = WorkDir(out_dir)
+    work.check_source(source.path)
+    with output_lock(out_dir):
+        return _quantize_locked(source, spec, work, config, windows, opts, device)
+
+
+def _quantize_locked(source: ModelDir, spec: ModelSpec, work: WorkDir, config: QuantConfig, windows: torch.Tensor,
+                     opts: RunOptions, device: torch.device) -> dict:
     register_auto_classes()
     model = build_skeleton(source, torch.float32)
     check_spec(model, spec, config)
     check_windows(windows, model.get_input_embeddings().num_embeddings)
+    check_copied_tensors(model, spec, source)
     dtype = compute_dtype(opts, source_dtype(source, spec))
     settings = {
         **config.to_dict(),
-        "model": os.path.abspath(model_dir),
+        "model": os.path.abspath(source.path),
         "nsamples": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
         "windows_sha256": _windows_digest(windows),
@@ -152,7 +170,6 @@ def quantize_model(model_dir: str, out_dir: str, config: QuantConfig, windows: t
         "device_type": device.type,
         **opts.settings,
     }
-    work = WorkDir(out_dir)
     done = work.start(settings, opts.resume, opts.overwrite)
     layers: nn.ModuleList = model.get_submodule(spec.layers)
     if done:
@@ -163,10 +180,11 @@ def quantize_model(model_dir: str, out_dir: str, config: QuantConfig, windows: t
         per_layer = _quantize_layers(run, windows, done)
     else:
         per_layer = [work.load_stats(i) for i in range(len(layers))]
-    assemble_checkpoint(model, spec, source, work, config, opts.max_shard_size)
-    report = write_report(work.final_dir, per_layer, settings)
+    with writing(work.path):
+        assemble_checkpoint(model, spec, source, work, config, opts.max_shard_size)
     work.finish()
-    return report
+    # The checkpoint is published first: the report is optional, and its failures are warnings.
+    return write_report(work.out_dir, per_layer, settings)
 
 
 @dataclass
@@ -259,19 +277,20 @@ def _sizes(layer: nn.Module, result: LayerResult, spec: ModelSpec) -> dict:
 def quantize(model_dir: str, out_dir: str, config: QuantConfig, calib: Calibration | None = None,
              opts: RunOptions | None = None) -> dict:
     """Tokenize the calibration text with the model's tokenizer, then `quantize_model`."""
-    from transformers import AutoTokenizer
-
     from .data import calibration_windows
 
     calib = calib or Calibration()
     opts = opts or RunOptions()
     resolve_device(opts.device)  # bad input fails here, not after tokenizing
-    preflight(model_dir)
-    register_auto_classes()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    windows = calibration_windows(tokenizer, calib.sources, nsamples=calib.nsamples, seqlen=calib.seqlen, seed=calib.seed)
-    opts.settings = {**opts.settings, **calib.describe()}
-    return quantize_model(model_dir, out_dir, config, windows, opts)
+    source, _ = preflight(model_dir)
+    WorkDir(out_dir).check_source(source.path)
+    with output_lock(out_dir):  # before tokenizing: a second run on this output fails at once
+        register_auto_classes()
+        tokenizer = source.load_tokenizer()
+        windows = calibration_windows(tokenizer, calib.sources, nsamples=calib.nsamples, seqlen=calib.seqlen,
+                                      seed=calib.seed)
+        opts.settings = {**opts.settings, **calib.describe()}
+        return quantize_model(model_dir, out_dir, config, windows, opts)
 
 
-__all__ = ["Calibration", "RunOptions", "check_spec", "compute_dtype", "preflight", "quantize", "quantize_model"]
+__all__ = ["Calibration", "RunOptions", "check_spec", "linear_in_features", "compute_dtype", "preflight", "quantize", "quantize_model"]

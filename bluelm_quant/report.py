@@ -1,9 +1,19 @@
-"""The end-of-run summary: per-layer loss, time and size, as JSON, a table and a plot."""
+"""The end-of-run summary: per-layer loss, time and size, as JSON, a table and a plot.
+
+The report is written after the checkpoint is published, and is optional: a failure to
+write it (matplotlib missing, a full disk) is a one-line warning, never a failed run.
+"""
 from __future__ import annotations
 
+import logging
 import os
 
 from .atomic import write_json
+
+log = logging.getLogger(__name__)
+
+JSON_FILE = "quantize_report.json"
+PLOT_FILE = "quantize_report.png"
 
 
 def summarize(per_layer: list[dict]) -> dict:
@@ -52,13 +62,28 @@ def plot(per_layer: list[dict], path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(ncol=4, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    tmp = path + ".tmp"
+    try:  # into place whole: the checkpoint directory is already published
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_report(directory: str, per_layer: list[dict], settings: dict) -> dict:
+    """The report as a dict; also written to `directory` as JSON and a PNG plot where possible."""
     report = {"summary": summarize(per_layer), "settings": settings, "layers": per_layer}
-    write_json(os.path.join(directory, "quantize_report.json"), report)
+    try:
+        write_json(os.path.join(directory, JSON_FILE), report)
+    except OSError as e:
+        log.warning("the report %s was not written (%s); the checkpoint is complete", JSON_FILE, e)
     if per_layer:
-        plot(per_layer, os.path.join(directory, "quantize_report.png"))
+        try:
+            plot(per_layer, os.path.join(directory, PLOT_FILE))
+        except ImportError as e:
+            log.warning("no %s plot: %s (pip install matplotlib for it); the checkpoint is complete", PLOT_FILE, e)
+        except Exception as e:  # noqa: BLE001 - an optional picture must not fail a finished run
+            log.warning("no %s plot (%s: %s); the checkpoint is complete", PLOT_FILE, type(e).__name__, e)
     return report

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_directory, write_json
+from .atomic import atomic_directory, follow_umask, write_json
 from .config import QuantConfig
 from .modeldir import CONFIG_FILE, QUANTIZE_CONFIG_FILE
 from .nn import QuantLinear
@@ -68,6 +68,7 @@ def write_shards(items: Iterable[tuple[str, torch.Tensor]], out_dir: str, max_sh
         nonlocal current, size
         fname = f"model-{len(names) + 1:05d}.partial"
         save_file(current, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        follow_umask(os.path.join(out_dir, fname))
         names.append((fname, list(current)))
         current, size = {}, 0
 

@@ -12,6 +12,7 @@ import pickle
 import struct
 import zipfile
 from collections import defaultdict
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -47,6 +48,7 @@ class ShardReader:
         self.remap_bytes = remap_bytes
         self._read_since_open: dict[str, int] = defaultdict(int)
         self._headers: dict[str, dict] = {}
+        self._data_start: dict[str, int] = {}  # safetensors: where a file's tensor bytes begin
         self.key_to_file = self._discover()
 
     def _discover(self) -> dict[str, str]:
@@ -128,6 +130,7 @@ class ShardReader:
                 ) from None
             header.pop("__metadata__", None)
             self._headers[file] = header
+            self._data_start[file] = 8 + size
         return self._headers[file]
 
     def _entry(self, key: str) -> tuple[str, dict | None]:
@@ -184,6 +187,36 @@ class ShardReader:
                 self._transient.pop(file, None)  # the map goes once the views read from it are dropped
                 self._read_since_open.pop(file, None)
         return t
+
+    def scan(self, key: str, chunk_bytes: int = 64 * 1024**2) -> Iterator[torch.Tensor]:
+        """The tensor's values as consecutive flat pieces of at most `chunk_bytes`.
+
+        For one pass over a large tensor (a check of its values): safetensors files are read
+        with plain reads, not a memory map, so no page of the file stays resident in this
+        process; memory stays at one piece however large the tensor.
+        """
+        file, entry = self._entry(key)
+        if entry is None:  # .bin: torch.load's memory map; released with the file's handle
+            flat = self.get(key).reshape(-1)
+            step = max(1, chunk_bytes // flat.element_size())
+            for start in range(0, flat.numel(), step):
+                yield flat[start:start + step]
+            return
+        dtype = self.dtype(key)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        begin, end = entry.get("data_offsets", (0, 0))
+        step = max(1, chunk_bytes // itemsize) * itemsize
+        path = self._path(file)
+        with open(path, "rb") as f:
+            f.seek(self._data_start[file] + begin)
+            for offset in range(begin, end, step):
+                piece = bytearray(min(step, end - offset))
+                if f.readinto(piece) != len(piece):
+                    raise CheckpointError(
+                        f"cannot read tensor {key!r} from {path}: the file ends early. "
+                        "The file is truncated or corrupt; re-download or re-create it"
+                    )
+                yield torch.frombuffer(piece, dtype=dtype)
 
     def dtype(self, key: str) -> torch.dtype:
         """Stored dtype of a tensor, from the header (nothing is read)."""

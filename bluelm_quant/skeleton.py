@@ -51,7 +51,7 @@ def swap_quant_linears(model: nn.Module, model_dir: ModelDir, dtype: torch.dtype
         raise CheckpointError(f"quantized tensors for modules the model does not have: {unknown[:5]}")
     for name in quantized:
         layer = _empty_quant_linear(name, linears[name], reader, config, legacy, dtype)
-        _check_shapes(name, reader, layer)
+        _check_shapes(name, reader, layer, g_idx_optional=legacy or config.act_order != "dynamic")
         set_module(model, name, layer)
     return quantized
 
@@ -62,7 +62,9 @@ def _empty_quant_linear(name, linear: nn.Linear, reader: ShardReader, config: Qu
     if qrows * 32 != k * bits:
         raise CheckpointError(
             f"{name}.qweight has {qrows} rows: {qrows * 32 / k:g} bits per weight for in_features={k}, "
-            f"but the config says bits={bits}"
+            + (f"but the config says bits={bits}" if not legacy else
+               f"but the legacy layout (no quantization config) is read as bits={bits} (config.json's "
+               "quantization_bit, 4 when it has none); add quantize_config.json with the right bits")
         )
     if k % pack_multiple(bits) or n % pack_multiple(bits):
         raise CheckpointError(f"{name}: in_features={k}, out_features={n} are not multiples of {pack_multiple(bits)}")
@@ -90,12 +92,21 @@ def _group_size(name: str, in_features: int, groups: int, config: QuantConfig, l
     return config.group_size
 
 
-def _check_shapes(name: str, reader: ShardReader, layer: QuantLinear) -> None:
+def _check_shapes(name: str, reader: ShardReader, layer: QuantLinear, g_idx_optional: bool) -> None:
+    """g_idx_optional: the legacy layout has none, and without dynamic act-order (off, or static:
+    groups fixed before reordering) the default order (column i in group i // group_size) is what
+    the config means; finish_quant_linear builds it."""
     for suffix in QUANT_SUFFIXES + (("bias",) if layer.bias is not None else ()):
         key = f"{name}.{suffix}"
         if key not in reader:
+            if suffix == "g_idx" and g_idx_optional:
+                continue
             if suffix == "g_idx":
-                continue  # legacy layout: finish_quant_linear builds the default order
+                raise CheckpointError(
+                    f"tensor {key} is missing, but the quantization config says desc_act=true (dynamic act-order): "
+                    "without g_idx the group of each input column is unknown and the model would output "
+                    "garbage. Re-export the checkpoint with its g_idx tensors"
+                )
             raise CheckpointError(f"tensor {key} is missing from the checkpoint")
         got, want = reader.shape(key), tuple(getattr(layer, suffix).shape)
         if got != want:
@@ -120,9 +131,13 @@ def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         raise CheckpointError(f"{key}: the model has no parameter or buffer of that name")
 
 
-def materialize(module: nn.Module, prefix: str, reader: ShardReader, device, dtype) -> None:
+def materialize(module: nn.Module, prefix: str, reader: ShardReader, device, dtype,
+                aliases: dict[str, str] | None = None) -> None:
     """Give a skeleton module real parameters and persistent buffers from the source shards
-    (floats converted to `dtype`), each checked against the module's shape."""
+    (floats converted to `dtype`), each checked against the module's shape.
+
+    aliases: {key: stored key} for tensors a checkpoint stores once (a tied lm_head.weight
+    is read from model.embed_tokens.weight)."""
     persistent = {n for n, _ in module.named_buffers()} - {
         f"{m}.{b}".lstrip(".") for m, sub in module.named_modules() for b in sub._non_persistent_buffers_set
     }
@@ -130,6 +145,8 @@ def materialize(module: nn.Module, prefix: str, reader: ShardReader, device, dty
     shapes.update({n: module.get_buffer(n).shape for n in sorted(persistent)})
     for name, want in shapes.items():
         key = f"{prefix}.{name}" if prefix else name
+        if key not in reader and aliases and aliases.get(key) in reader:
+            key = aliases[key]
         if key not in reader:
             raise CheckpointError(f"tensor {key} is missing from {reader.directory}")
         t = read_copy(reader, key, device, dtype)

@@ -159,10 +159,10 @@ def three_shards(keys: list[str]) -> list[list[str]]:
     return [keys[i:i + size] for i in range(0, len(keys), size)]
 
 
-def write_legacy_4bits(out: str, model, group_size=GROUP, bit_key: dict | None = None) -> dict:
-    """The BlueLM-7B-Chat-4bits layout; returns the reference state dict."""
+def write_legacy_4bits(out: str, model, group_size=GROUP, bit_key: dict | None = None, sym: bool = False) -> dict:
+    """The BlueLM-7B-Chat-4bits layout (asymmetric zeros unless `sym`); returns the reference state dict."""
     os.makedirs(out)
-    config = QuantConfig(bits=4, group_size=group_size, sym=False)
+    config = QuantConfig(bits=4, group_size=group_size, sym=sym)
     # The original quant_cuda kernel only ran fp32 scales; no g_idx, no bias.
     state, reference = quantized_state(model, config, torch.float32, with_g_idx=False, with_bias=False)
     for i in range(model.config.num_hidden_layers):  # RoPE caches saved by 2023-era code

@@ -56,7 +56,7 @@ def test_spec_matches_the_bluelm_modules():
     # Everything with weights outside the layers is either run before them or after them.
     outside = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if not n.startswith(BLUELM.layers + ".")}
     assert outside == {"model.embed_tokens", "model.embed_layer_norm", "model.norm", "lm_head"}
-    assert outside - set(BLUELM.before) == {"model.norm", "lm_head"}
+    assert outside - set(BLUELM.before) == set(BLUELM.after) == {"model.norm", "lm_head"}
 
 
 def test_cli_writes_a_bluelm_gptq_checkpoint(dirs):
@@ -71,7 +71,9 @@ def test_cli_writes_a_bluelm_gptq_checkpoint(dirs):
     assert config["quantization_config"]["quant_method"] == "gptq"
     with open(os.path.join(out, "quantize_config.json"), encoding="utf-8") as f:
         qc = json.load(f)
-    assert (qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"]) == (4, 32, True, True)
+    # Static act-order (the default) is the plain layout: desc_act false, meta records it.
+    assert (qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"]) == (4, 32, False, True)
+    assert qc["meta"]["act_order"] == "static"
 
 
 def test_quantized_bluelm_is_close_to_full_precision(dirs):
@@ -81,8 +83,9 @@ def test_quantized_bluelm_is_close_to_full_precision(dirs):
     assert type(q) is BlueLMForCausalLM
     layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 7 * q.config.num_hidden_layers and not isinstance(q.lm_head, QuantLinear)
-    # The stable-embedding LayerNorm is carried over unquantized (loaded before layer 0 by the spec).
-    torch.testing.assert_close(q.model.embed_layer_norm.bias, fp.model.embed_layer_norm.bias)
+    # The stable-embedding LayerNorm is carried over unquantized (loaded before layer 0 by the spec),
+    # in 16 bits: the source is float32, the checkpoint bfloat16.
+    torch.testing.assert_close(q.model.embed_layer_norm.bias, fp.model.embed_layer_norm.bias.bfloat16().float())
     for name, layer in q.named_modules():
         if isinstance(layer, QuantLinear):
             w, w_q = fp.get_submodule(name).weight, layer.dequantize()

@@ -216,3 +216,79 @@ def test_not_a_quantized_dir(tmp_path):
         load_quantized(str(tmp_path / "fp"))
     with pytest.raises(CheckpointError, match="no config.json"):
         load_quantized(str(tmp_path))
+
+
+def _rewrite(out, key, change):
+    """Replace (change returns a tensor) or drop (change returns None) one tensor of a saved checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = os.path.join(out, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    path = os.path.join(out, index["weight_map"][key])
+    tensors = load_file(path)
+    new = change(tensors[key])
+    if new is None:
+        del tensors[key], index["weight_map"][key]
+        json.dump(index, open(index_path, "w"))
+    else:
+        tensors[key] = new
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("key, change, want", [
+    ("model.norm.weight", lambda t: t[:1].clone(), r"\[1\].*expects \[64\]"),
+    ("model.embed_tokens.weight", lambda t: t[:, :32].clone(), r"\[128, 32\].*expects \[128, 64\]"),
+    ("model.layers.1.input_layernorm.weight", lambda t: torch.ones(65), r"\[65\].*expects \[64\]"),
+])
+def test_every_tensor_shape_is_checked_against_the_config(tmp_path, key, change, want):
+    """A norm of shape [1] would broadcast silently (issue 15: perplexity 78 million)."""
+    out = _saved(tmp_path)
+    _rewrite(out, key, change)
+    with pytest.raises(CheckpointError, match=rf"tensor {key} in .* has shape {want}"):
+        load_quantized(out)
+
+
+def test_act_order_checkpoint_without_g_idx_is_refused(tmp_path):
+    model, config = _quantized_tiny(config=QuantConfig(bits=4, group_size=32, desc_act=True))
+    out = str(tmp_path / "q")
+    save_quantized(model, out, config)
+    _rewrite(out, "model.layers.0.self_attn.q_proj.g_idx", lambda t: None)
+    with pytest.raises(CheckpointError, match=r"q_proj.g_idx is missing, but the quantization config says desc_act=true"):
+        load_quantized(out)
+
+
+def test_g_idx_may_be_omitted_without_act_order(tmp_path):
+    """Without act-order, g_idx is the default order by definition: loading it is exact."""
+    model, config = _quantized_tiny()
+    ids = tokens()
+    out = _saved(tmp_path)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        _rewrite(out, f"{name}.g_idx", lambda t: None)
+    assert torch.equal(load_quantized(out, dtype=torch.float32)(ids).logits, model(ids).logits)
+
+
+def test_static_act_order_checkpoint_may_omit_g_idx(tmp_path):
+    """Static act-order fixes the groups before reordering: g_idx is the default order, the
+    layout the plain one (desc_act false on disk), so a missing g_idx is not an error."""
+    model, config = _quantized_tiny(config=QuantConfig(bits=4, group_size=32, desc_act=True, static_groups=True))
+    ids = tokens()
+    out = str(tmp_path / "q")
+    save_quantized(model, out, config)
+    _rewrite(out, "model.layers.0.self_attn.q_proj.g_idx", lambda t: None)
+    assert torch.equal(load_quantized(out, dtype=torch.float32)(ids).logits, model(ids).logits)
+
+
+def test_gptq_tensors_without_any_quantization_config_say_what_is_missing(tmp_path):
+    model, config = _quantized_tiny(config=QuantConfig(bits=4, group_size=32))
+    out = str(tmp_path / "q")
+    save_quantized(model, out, config)
+    os.remove(os.path.join(out, "quantize_config.json"))
+    hf = json.load(open(os.path.join(out, "config.json")))
+    del hf["quantization_config"]
+    json.dump(hf, open(os.path.join(out, "config.json"), "w"))
+    with pytest.raises(CheckpointError) as info:
+        load_quantized(out)
+    message = str(info.value)
+    assert "no quantize_config.json and no quantization_config in config.json" in message
+    assert "mlp.down_proj.qweight [16, 64]" in message and "(bits=4, group_size=32, desc_act=false)" in message
+    assert "Restore the quantize_config.json" in message

@@ -10,6 +10,7 @@ from bluelm_quant.cli.convert import main as convert_main
 from bluelm_quant.convert import ConversionError, convert
 from bluelm_quant.loading import load_quantized
 from bluelm_quant.modeldir import ModelDir
+from bluelm_quant.outputs import OutputError
 from bluelm_quant.packing import convert_qzeros, pack_qzeros
 from test_bluelm_checkpoints import AUTOGPTQ_QUANTIZE_CONFIG, GPTQ_ROWS, LEGACY_ROWS, NTKMIXED, write_gptq_32k, write_legacy_4bits
 
@@ -90,10 +91,18 @@ def test_static_act_order_and_v2_zeros_become_vllm_ready(tmp_path):
 
 
 def test_bad_paths_and_the_command_line(legacy, tmp_path, capsys):
-    with pytest.raises(ConversionError, match="source"):
+    with pytest.raises(OutputError, match="is inside the source"):
         convert(legacy, os.path.join(legacy, "inside"))
-    with pytest.raises(ConversionError, match="source"):
-        convert(legacy, legacy)
+    with pytest.raises(OutputError, match="is the source"):
+        convert(legacy, legacy, overwrite=True)
+    with pytest.raises(OutputError, match="contains the source"):
+        convert(legacy, os.path.dirname(legacy), overwrite=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match="does not look like a quantized checkpoint"):
+        convert(legacy, str(mine), overwrite=True)  # --overwrite replaces checkpoints, not the user's files
+    assert (mine / "notes.txt").read_text() == "keep"
     assert convert_main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "not a directory" in err[0]

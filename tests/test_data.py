@@ -135,8 +135,28 @@ def test_large_record_sets_stop_at_token_budget(tok, tmp_path):
 
 
 def test_error_missing_file(tok, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
+    with pytest.raises(CalibrationDataError, match="nope.txt does not exist"):
         calibration_windows(tok, [tmp_path / "nope.txt"], nsamples=1, seqlen=4)
+
+
+def test_error_directory_given_as_a_file(tok, tmp_path):
+    (tmp_path / "texts").mkdir()
+    with pytest.raises(CalibrationDataError, match=r"texts is a directory; give the files in it"):
+        calibration_windows(tok, [tmp_path / "texts"], nsamples=1, seqlen=4)
+
+
+@pytest.mark.parametrize("name", ["blob.txt", "blob.jsonl"])
+def test_error_binary_file_is_named(tok, tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"GIF89a\x01\x00\xff\xfe\x00 binary")
+    with pytest.raises(CalibrationDataError, match=rf"{name} is not UTF-8 text \(byte 0xff at offset 8\)"):
+        calibration_windows(tok, [path], nsamples=1, seqlen=4)
+
+
+@pytest.mark.parametrize("nsamples, seqlen", [(0, 4), (1, 0), (-3, 4)])
+def test_error_nonpositive_sizes(tok, tmp_path, nsamples, seqlen):
+    with pytest.raises(CalibrationDataError, match="must be positive"):
+        calibration_windows(tok, None, nsamples=nsamples, seqlen=seqlen)
 
 
 def test_error_unknown_extension(tok, tmp_path):

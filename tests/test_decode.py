@@ -226,7 +226,7 @@ def test_chat_on_a_4bit_model_fast_and_threaded_gives_the_same_reply(bluelm_dir)
 def test_chat_tool_bad_thread_and_head_options(bluelm_dir, capsys):
     from bluelm_quant.cli import chat as chat_cli
 
-    for argv, message in ((["--threads", "0"], "--threads 0: use a positive thread count"),
+    for argv, message in ((["--threads", "0"], "argument --threads: 0 is not a positive integer"),
                           (["--lm-head-bits", "8"], "--lm-head-bits 8: " + bluelm_dir + " is not a 4-bit checkpoint")):
         with pytest.raises(SystemExit) as exc:
             chat_cli.main(["--model", bluelm_dir] + argv)

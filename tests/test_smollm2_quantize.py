@@ -4,6 +4,7 @@ Group size 128 (SmolLM2 was published on a 32-wide grid, so g32 would look artif
 lossless). 32 calibration windows keep the run CI-sized; tools/compare_quality.py measures
 the full 128-window figures.
 """
+import json
 import os
 import subprocess
 import sys
@@ -27,17 +28,23 @@ def test_gptq_on_smollm2_beats_rtn_in_english_and_chinese(tmp_path):
     source = str(ensure_smollm2())
     out = str(tmp_path / "smollm2-gptq")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "quantize.py"), "--model", source, "--out", out,
-           "--group-size", "128", "--desc-act", "--nsamples", "32", "--eval-windows", "0", "-q"]
+           "--nsamples", "32", "--eval-windows", "0", "-q"]  # default quantization settings
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Quantized 30 layers" in run.stdout
+    # 128 does not divide SmolLM2's 576: the default steps down to 64 and says so.
+    assert "Group size 64, not 128" in run.stdout
+    written = json.load(open(os.path.join(out, "config.json")))
+    assert written["quantization_config"]["group_size"] == 64 and written["dtype"] == "bfloat16"
+    assert written["quantization_config"]["desc_act"] is False  # static act-order: the plain layout
+    assert written["quantization_config"]["meta"]["act_order"] == "static"
     for name in ("quantize_config.json", "model.safetensors.index.json", "quantize_report.png", "tokenizer.json"):
         assert os.path.isfile(os.path.join(out, name)), name
 
     gptq, tok = load_model_and_tokenizer(out, dtype=torch.float32)
     assert isinstance(gptq.model.layers[0].mlp.down_proj, QuantLinear)
     rtn, _ = load_model_and_tokenizer(source, dtype=torch.float32)
-    replace_linear(rtn, QuantConfig(bits=4, group_size=128), quantize=True)
+    replace_linear(rtn, QuantConfig(bits=4, group_size=64), quantize=True)
     fp, _ = load_model_and_tokenizer(source, dtype=torch.float32)
     for lang in ("en", "zh"):
         text = heldout_text(lang)

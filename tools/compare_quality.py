@@ -107,7 +107,7 @@ def _quantize_defaults() -> dict:
     from bluelm_quant.cli.quantize import parser
 
     args = parser().parse_args([])
-    return {"desc_act": args.desc_act, "static_groups": args.static_groups, "sym": args.sym,
+    return {"desc_act": args.act_order != "off", "static_groups": args.act_order == "static", "sym": args.sym,
             "mse_clip": args.mse_clip, "damp_percent": args.damp}
 
 

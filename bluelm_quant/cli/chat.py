@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import add_debug_flag, run_tool
+from . import add_debug_flag, configure_logging, fraction, nonnegative_int, positive_float, positive_int, run_tool
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -21,16 +21,18 @@ DTYPES = ("float32", "float16", "bfloat16")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bluelm-chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory (full precision or 4-bit)")
+    p.add_argument("--adapter", help="a LoRA adapter directory trained on --model (bluelm-finetune's output; needs peft)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens (default 512, BlueLM's demo)")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, with --do-sample (default 1.0)")
-    p.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling mass, with --do-sample (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, with --do-sample (default 50)")
-    p.add_argument("--repetition-penalty", type=float, default=1.1,
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="longest reply in tokens (default 512, BlueLM's demo)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (default: greedy)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, with --do-sample (default 1.0)")
+    p.add_argument("--top-p", type=fraction, default=0.8, help="nucleus sampling mass in (0, 1], with --do-sample (default 0.8)")
+    p.add_argument("--top-k", type=nonnegative_int, default=50,
+                   help="sample among the k likeliest tokens, with --do-sample; 0 = no limit (default 50)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.1,
                    help="divide the scores of tokens already in the conversation by this (default 1.1; 1 = off)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for the 4-bit kernels (default: torch's count; torch's own ops run on one "
                         "thread while a 4-bit model generates on the CPU)")
     p.add_argument("--lm-head-bits", type=int, choices=(16, 8, 4), default=16,
@@ -46,8 +48,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads {args.threads}: use a positive thread count")
     if args.lm_head_bits != 16:
         from ..hf import is_quantized_dir
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
 
 def check_threads(threads: int | None) -> int | None:
-    """--threads (positive, checked in main): more than the CPUs this process may use runs that many, with a notice."""
+    """--threads (positive, checked by argparse): more than the CPUs this process may use runs that many, with a notice."""
     import os
 
     if threads is None:
@@ -77,10 +77,15 @@ def chat_command(args: argparse.Namespace) -> int:
     from ..chat import ChatError, encode_prompt, stream_chat
     from ..hf import load_model_and_tokenizer
 
+    configure_logging()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     threads = check_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, lm_head_bits=args.lm_head_bits,
                                                 dtype=getattr(torch, args.dtype) if args.dtype else None)
+    if args.adapter:
+        from ..lora import load_adapter
+
+        model = load_adapter(model, args.adapter)
     generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, repetition_penalty=args.repetition_penalty,
                       threads=threads, fast=args.fast)
     if args.do_sample:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import add_debug_flag, run_tool
+from . import add_debug_flag, configure_logging, run_tool
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,7 +21,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None,
                    help="dtype of the unquantized tensors and config.json (default: the source's if 16-bit, else bfloat16)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (never the source)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that is a quantized checkpoint or empty (never the source)")
     add_debug_flag(p)
     return p
 
@@ -33,6 +34,7 @@ def main(argv=None) -> int:
 def convert_command(args: argparse.Namespace) -> int:
     from ..convert import convert
 
+    configure_logging()
     report = convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(report.summary())
     print(f"wrote {args.out}")

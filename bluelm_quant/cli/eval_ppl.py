@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import add_debug_flag, run_tool
+from . import add_debug_flag, configure_logging, positive_int, run_tool
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -23,11 +23,13 @@ DTYPES = ("float32", "float16", "bfloat16")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bluelm-eval-ppl", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory, or 'smollm2' for the built-in SmolLM2-135M-Instruct")
+    p.add_argument("--adapter", help="a LoRA adapter directory trained on --model: score base + adapter (needs peft)")
     p.add_argument("--text", default="en", help="a UTF-8 text file, or 'en' / 'zh' for the bundled held-out texts (default en)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per window; the first of each is context only (default 512)")
-    p.add_argument("--max-windows", type=int, default=None,
+    p.add_argument("--seqlen", type=positive_int, default=512,
+                   help="tokens per window, at least 2; the first of each is context only (default 512)")
+    p.add_argument("--max-windows", type=positive_int, default=None,
                    help="score only the first N windows (default: every whole window of the text, slow on a CPU)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -39,8 +41,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.text not in ("en", "zh") and not Path(args.text).is_file():
-        p.error(f"--text {args.text}: no such file (or use 'en' / 'zh')")
+    if args.seqlen < 2:
+        p.error(f"--seqlen {args.seqlen}: a window needs at least 2 tokens to score one")
+    if args.text not in ("en", "zh"):
+        text = Path(args.text)
+        if text.is_dir():
+            p.error(f"--text {args.text} is a directory; give one UTF-8 text file (or 'en' / 'zh')")
+        if not text.is_file():
+            p.error(f"--text {args.text}: no such file (or use 'en' / 'zh')")
     return run_tool(eval_command, args)
 
 
@@ -48,12 +56,29 @@ def _load(model_dir: str, device: str, dtype, trust_remote_code: bool):
     if trust_remote_code:  # a model family bluelm-quant does not implement itself
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=True).to(device)
+        from ..shards import CheckpointError
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=True).to(device)
+        except (OSError, ValueError) as e:  # transformers' errors for missing or unreadable files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot load {model_dir} with its own code: {first}") from e
         return model.eval(), tokenizer
     from ..hf import load_model_and_tokenizer
 
     return load_model_and_tokenizer(model_dir, device=device, dtype=dtype)
+
+
+def _read_text(path: str) -> str:
+    from ..data import CalibrationDataError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationDataError(
+            f"--text {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); give a UTF-8 text file"
+        ) from None
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -62,7 +87,8 @@ def eval_command(args: argparse.Namespace) -> int:
     from ..data import LANGS, heldout_text
     from ..evaluate import perplexity
 
-    text = heldout_text(args.text) if args.text in LANGS else Path(args.text).read_text(encoding="utf-8")
+    configure_logging()
+    text = heldout_text(args.text) if args.text in LANGS else _read_text(args.text)
     if args.model == "smollm2":
         from ..smollm2 import ensure_smollm2
 
@@ -73,9 +99,14 @@ def eval_command(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     start = time.time()
     model, tokenizer = _load(model_dir, device, dtype, args.trust_remote_code)
+    if args.adapter:
+        from ..lora import load_adapter
+
+        model = load_adapter(model, args.adapter)
     loaded = time.time()
     ppl = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size)
-    print(f"model {model_dir} text {args.text} seqlen {args.seqlen} dtype {dtype} device {device}: "
+    adapter = f" + adapter {args.adapter}" if args.adapter else ""
+    print(f"model {model_dir}{adapter} text {args.text} seqlen {args.seqlen} dtype {dtype} device {device}: "
           f"load {loaded - start:.1f}s, eval {time.time() - loaded:.1f}s", file=sys.stderr)
     print(f"perplexity {ppl:.4f}")
     return 0

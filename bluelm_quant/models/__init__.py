@@ -21,6 +21,8 @@ class ModelSpec:
     layers: str  # the ModuleList of decoder layers
     sequential: tuple[tuple[str, ...], ...]  # Linear groups inside a layer, forward order
     before: tuple[str, ...] = ()  # modules that run before the first layer (for capture)
+    # modules that turn the last layer's output into logits, applied in order
+    after: tuple[str, ...] = ("model.norm", "lm_head")
     # (module, Linear) pairs where the module's output is that Linear applied to its input
     # (plus outputs the layer drops): later passes replay the Linear instead (memo.py).
     tails: tuple[tuple[str, str], ...] = ()
