@@ -271,6 +271,26 @@ int64_t read_probe(const Tensor& x) {
   return int64_t(read_probe_cpu(x.data_ptr(), int64_t(x.nbytes())) & 0x7FFFFFFFFFFFFFFFull);
 }
 
+// Act-order repack (kernels.h permute_rows_4bit_cpu). CPU only: on CUDA torch's gather is fast.
+Tensor permute_rows_4bit(const Tensor& qweight, const Tensor& order) {
+  TORCH_CHECK(qweight.device().is_cpu() && order.device().is_cpu(),
+              "bluelm_quant::permute_rows_4bit: CPU tensors only, got ", qweight.device(), " and ", order.device());
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.dim() == 2,
+              "bluelm_quant::permute_rows_4bit: qweight must be int32 [K/8, N], got ", qweight.scalar_type(), " ",
+              qweight.sizes());
+  TORCH_CHECK(order.scalar_type() == at::kLong && order.dim() == 1 && order.size(0) == qweight.size(0) * 8,
+              "bluelm_quant::permute_rows_4bit: order must be int64 [", qweight.size(0) * 8, "], got ",
+              order.scalar_type(), " ", order.sizes());
+  const Tensor q = qweight.contiguous(), o = order.contiguous();
+  Tensor out = at::empty(q.sizes(), q.options());
+  use_torch_threads();
+  const int status = permute_rows_4bit_cpu(q.data_ptr<int32_t>(), out.data_ptr<int32_t>(), o.data_ptr<int64_t>(),
+                                           o.size(0), q.size(1));
+  TORCH_CHECK(status == kOk, "bluelm_quant::permute_rows_4bit: ", status_message(status),
+              " (order must hold row indices in [0, ", o.size(0), "))");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bluelm_quant, m) {
@@ -285,6 +305,8 @@ TORCH_LIBRARY(bluelm_quant, m) {
   m.def("gemm_int8(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
   // Reads all of x on the kernels' thread pool (for benchmarks: the bandwidth they can reach). CPU only.
   m.def("read_probe(Tensor x) -> int");
+  // qweight [K/8, N] with code row i taken from code row order[i] (act-order repack). CPU only.
+  m.def("permute_rows_4bit(Tensor qweight, Tensor order) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bluelm_quant, CPU, m) {
@@ -292,6 +314,7 @@ TORCH_LIBRARY_IMPL(bluelm_quant, CPU, m) {
   m.impl("dequantize_4bit", &dequantize_4bit);
   m.impl("gemm_int8", &gemm_int8);
   m.impl("read_probe", &read_probe);
+  m.impl("permute_rows_4bit", &permute_rows_4bit);
 }
 
 #ifdef QUANT_CUDA_WITH_CUDA

@@ -53,6 +53,11 @@ int gemm_int8_cpu(const void* x, const int8_t* weight, const void* scale, const 
 // can reach, for tools/bench_kernels.py. bytes % 8 == 0.
 uint64_t read_probe_cpu(const void* p, int64_t bytes);
 
+// out = qweight [K/8, N] (4-bit codes packed along K) with its code rows permuted: code row
+// i of out is code row order[i] of qweight. kBadShape unless K % 8 == 0, N >= 1 and every
+// order[i] lies in [0, K) (a permutation is not checked: repeats give repeated rows).
+int permute_rows_4bit_cpu(const int32_t* qweight, int32_t* out, const int64_t* order, int64_t K, int64_t N);
+
 // ---- CUDA (built when the CUDA toolkit and a CUDA torch are present) ---------------
 // dtype: kFloat16 or kBFloat16. `stream` is a cudaStream_t passed as void*.
 int gemm_4bit_cuda(const void* x, const int32_t* qweight, const int32_t* qzeros,

@@ -359,6 +359,29 @@ def test_prepare_act_order_repacks_rows():
     assert torch.equal(ops.standard_qweight(q), qw)
 
 
+@pytest.mark.parametrize("k,n", [(8, 1), (64, 24), (576, 40), (4096, 72)])
+def test_repack_op_equals_torch_permutation(k, n):
+    """The extension's act-order repack is the same permutation as packing.permute_rows."""
+    from bluelm_quant.packing import permute_rows
+
+    gen = torch.Generator().manual_seed(k + n)
+    qw = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=gen)
+    order = torch.randperm(k, generator=gen)
+    got = ops.repack_rows(qw, order, 4)
+    assert torch.equal(got, permute_rows(qw, order, 4))
+    assert torch.equal(ops.repack_rows(got, torch.argsort(order), 4), qw)  # and back: bit-exact
+
+
+def test_repack_op_refuses_out_of_range_rows():
+    if ops.backend().startswith("reference"):
+        pytest.skip("quant_cuda is not built")
+    qw = torch.zeros(2, 8, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"order must hold row indices in \[0, 16\)"):
+        torch.ops.bluelm_quant.permute_rows_4bit(qw, torch.arange(16) + 1)
+    with pytest.raises(RuntimeError, match=r"order must be int64 \[16\]"):
+        torch.ops.bluelm_quant.permute_rows_4bit(qw, torch.arange(8))
+
+
 def test_prepare_without_act_order_changes_nothing_but_group_size():
     qw, qz, s, g, _ = make_layer(576, 16, 128)
     q = ops.prepare(qw, qz, s, g, 4)
