@@ -527,6 +527,17 @@ def _run_cli(main, argv, capsys):
     return code, capsys.readouterr()
 
 
+def test_finetune_without_peft_is_one_line_before_the_model_loads(qdir, data, tmp_path, capsys, monkeypatch):
+    from bluelm_quant.cli import finetune as cli
+
+    monkeypatch.setitem(__import__("sys").modules, "peft", None)  # `import peft` now raises ImportError
+    code, out = _run_cli(cli.main, ["--model", qdir, "--train_file", data["belle"], "--output_dir", str(tmp_path / "o"),
+                                    "--max_steps", "1", "-q"], capsys)
+    lines = out.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "pip install 'bluelm-quant[lora]'" in lines[0], out.err
+    assert not (tmp_path / "o").exists()
+
+
 @needs_peft
 def test_finetune_tool_bad_input_is_one_line(qdir, data, tmp_path, capsys):
     from bluelm_quant.cli import finetune as cli
