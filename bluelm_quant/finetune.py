@@ -172,9 +172,12 @@ def finetune(cfg: FinetuneConfig, on_step: Callable[[int, float], None] | None =
     on_step(step, loss) runs after every optimizer step and checkpoint (tests stop a run there).
     """
     from .hf import load_model_and_tokenizer
-    from .lora import get_peft_model, load_adapter
+    from .lora import get_peft_model, load_adapter, require_peft
 
     cfg.check()
+    # Before the model loads: without peft (not in every preinstalled set) this was a raw
+    # ModuleNotFoundError traceback after the load; now the one-line LoRAError saying what to install.
+    require_peft()
     resume_from = _prepare_output(cfg)
     torch.manual_seed(cfg.seed)
     dtype = cfg.dtype or (torch.float32 if str(cfg.device).startswith("cpu") else None)

@@ -43,9 +43,10 @@ DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0"
 # global -mavx2 would let the compiler vectorize the scalar fallback and torch's inline
 # code with AVX2 and crash there.
 # No -fopenmp: the kernels run on their own thread pool (cpu_threads.cpp).
-# C++ standard: torch.utils.cpp_extension adds the one its headers need (C++20 for 2.13+;
-# cpu_threads.cpp needs C++20 for std::atomic::wait).
-CXX_FLAGS = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
+# C++ standard: -std=c++20 given here, since cpu_threads.cpp needs it (std::atomic::wait).
+# torch.utils.cpp_extension adds its own only when none is given: C++20 for torch 2.13+
+# (the same flag), but C++17 for torch 2.11/2.12, which setup.py also supports.
+CXX_FLAGS = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-std=c++20"]
 # The .cu files are torch-free and written against the plain CUDA headers (they also build
 # with a bare nvcc); undo the __half/__nv_bfloat16 operator bans torch adds for ATen code.
 # torch puts these extra flags after its own, so the -U wins.

@@ -4,6 +4,8 @@
 // path can never execute an instruction the CPU lacks (SIGILL).
 #include <atomic>
 #include <cstring>
+// parse_isa loops over a braced list; C++17 libstdc++ does not pull this in through <atomic>.
+#include <initializer_list>
 
 #include "cpu_kernels.h"
 

@@ -170,8 +170,12 @@ def summarize(steps: list[Step], out: Path) -> dict:
         s["selfcheck"] = json.loads(lines[-1])
     kernels = _json(out / "kernels.json")
     if kernels:
-        s["kernels"] = {"copy_gbs": kernels.get("copy_gbs"), "rows": kernels["rows"],
-                        "dequant_crossover_m": _crossover(kernels["rows"])}
+        rows = kernels.get("rows")
+        if rows is None:  # --smoke: the CPU bench (bench_kernels_cpu.py) writes rows_4bit, times in ms
+            rows = [{"k": r["k"], "n": r["n"], "m": r["m"], "us": 1000 * r["ms"],
+                     "speedup_vs_fp32": r["fp32_ms"] / r["ms"] if r.get("fp32_ms") else 0}
+                    for r in kernels.get("rows_4bit", [])]
+        s["kernels"] = {"copy_gbs": kernels.get("copy_gbs"), "rows": rows, "dequant_crossover_m": _crossover(rows)}
     load = _json(out / "load.json")
     if load:
         s["load"] = load["results"]
