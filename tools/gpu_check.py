@@ -109,7 +109,10 @@ def plan(args, out: Path) -> list[Step]:
         steps.append(Step("build", [py, "setup.py", "--quiet", "build_ext", "--inplace"], 300,
                           {"QUANT_CUDA_BUILD": "cuda", "TORCH_CUDA_ARCH_LIST": arch,
                            "MAX_JOBS": str(os.cpu_count() or 4), "CUDA_HOME": os.environ.get("CUDA_HOME", _cuda_home())}))
-        steps.append(Step("tests", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"], 300))
+        # --continue-on-collection-errors: a test file whose own dependency (hypothesis, for
+        # test_packing.py) the lent machine lacks must not keep the CUDA tests from running.
+        steps.append(Step("tests", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+                                    "--continue-on-collection-errors", "tests"], 300))
     steps.append(Step("selfcheck", [py, "-c", SELF_CHECK.format(device=device, dtype=dtype, shapes=selfcheck_shapes)], 120))
     steps.append(Step("kernels", [py, str(TOOLS / "bench_kernels.py"), "--device", device, "--shapes", shapes, "--m", ms,
                                   "--iters", iters, "--json", str(out / "kernels.json")], 240))
