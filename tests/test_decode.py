@@ -1,6 +1,7 @@
 """The fast decode path (issue 14, item 4): QuantLinear's planned kernel call, the decode thread
 split, the static-cache and compiled loops giving the eager path's greedy tokens, the 4-bit lm_head."""
 import logging
+import os
 
 import pytest
 import torch
@@ -233,6 +234,35 @@ def test_chat_tool_bad_thread_and_head_options(bluelm_dir, capsys):
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert chat_cli.check_threads(ops._USABLE_CPUS + 7) == ops._USABLE_CPUS
     assert f"--threads {ops._USABLE_CPUS + 7} but this process may run on {ops._USABLE_CPUS} CPUs" in capsys.readouterr().err
+
+
+def test_eval_ppl_scores_the_quantized_head_it_is_asked_for(bluelm_dir, capsys, tmp_path):
+    """bluelm-eval-ppl --lm-head-bits: the perplexity cost of a quantized head, by one command."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from bluelm_quant.cli import eval_ppl as eval_cli
+
+    model = AutoModelForCausalLM.from_pretrained(bluelm_dir).eval()
+    config = QuantConfig(bits=4, group_size=32)
+    replace_linear(model, config, quantize=True)
+    quant_dir = str(tmp_path / "q")
+    save_quantized(model.requires_grad_(False), quant_dir, config)
+    for name in os.listdir(bluelm_dir):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(os.path.join(bluelm_dir, name), quant_dir)
+    text = tmp_path / "t.txt"
+    text.write_text("The river ran through the old town, past the library and the market square. " * 8)
+    scores = {}
+    for bits in (16, 8, 4):
+        assert eval_cli.main(["--model", quant_dir, "--text", str(text), "--seqlen", "32", "--lm-head-bits", str(bits)]) == 0
+        scores[bits] = float(capsys.readouterr().out.split()[-1])
+    assert scores[8] != scores[16] and scores[4] != scores[16]  # the head was swapped, not ignored
+    assert all(abs(scores[b] / scores[16] - 1) < 0.2 for b in (8, 4))
+    with pytest.raises(SystemExit) as exc:
+        eval_cli.main(["--model", bluelm_dir, "--lm-head-bits", "8"])
+    assert exc.value.code == 2 and "is not a 4-bit checkpoint" in capsys.readouterr().err
 
 
 # --- tools/bench_cpu_vs_llamacpp.py without llama-cpp-python -----------------------------------------------

@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--lm-head-bits", type=int, choices=(16, 8, 4), default=16,
+                   help="4-bit checkpoints: score with the lm_head quantized at load, 8 (int8) or 4 (RTN g32), "
+                        "as bluelm-chat --lm-head-bits runs it (default 16: as stored)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model directory's own Python code (a family bluelm-quant does not implement)")
     add_debug_flag(p)
@@ -49,10 +52,16 @@ def main(argv=None) -> int:
             p.error(f"--text {args.text} is a directory; give one UTF-8 text file (or 'en' / 'zh')")
         if not text.is_file():
             p.error(f"--text {args.text}: no such file (or use 'en' / 'zh')")
+    if args.lm_head_bits != 16:
+        from ..hf import is_quantized_dir
+
+        if args.trust_remote_code or args.model == "smollm2" or not is_quantized_dir(args.model):
+            p.error(f"--lm-head-bits {args.lm_head_bits}: {args.model} is not a 4-bit checkpoint (a quantized lm_head "
+                    "comes with one only)")
     return run_tool(eval_command, args)
 
 
-def _load(model_dir: str, device: str, dtype, trust_remote_code: bool):
+def _load(model_dir: str, device: str, dtype, trust_remote_code: bool, lm_head_bits: int = 16):
     if trust_remote_code:  # a model family bluelm-quant does not implement itself
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,7 +76,7 @@ def _load(model_dir: str, device: str, dtype, trust_remote_code: bool):
         return model.eval(), tokenizer
     from ..hf import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(model_dir, device=device, dtype=dtype)
+    return load_model_and_tokenizer(model_dir, device=device, dtype=dtype, lm_head_bits=lm_head_bits)
 
 
 def _read_text(path: str) -> str:
@@ -98,7 +107,7 @@ def eval_command(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     start = time.time()
-    model, tokenizer = _load(model_dir, device, dtype, args.trust_remote_code)
+    model, tokenizer = _load(model_dir, device, dtype, args.trust_remote_code, args.lm_head_bits)
     if args.adapter:
         from ..lora import load_adapter
 
@@ -106,6 +115,7 @@ def eval_command(args: argparse.Namespace) -> int:
     loaded = time.time()
     ppl = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size)
     adapter = f" + adapter {args.adapter}" if args.adapter else ""
+    adapter += f", lm_head {args.lm_head_bits}-bit" if args.lm_head_bits != 16 else ""
     print(f"model {model_dir}{adapter} text {args.text} seqlen {args.seqlen} dtype {dtype} device {device}: "
           f"load {loaded - start:.1f}s, eval {time.time() - loaded:.1f}s", file=sys.stderr)
     print(f"perplexity {ppl:.4f}")
