@@ -273,6 +273,7 @@ def test_default_group_size_steps_down_to_one_every_engine_loads(odd_width_dir, 
     config = json.load(open(out / "config.json"))
     q = config["quantization_config"]
     assert (q["group_size"], q["desc_act"], q["sym"], q["meta"]["act_order"]) == (32, False, True, "static")
+    assert (q["meta"]["mse_clip"], q["meta"]["clip_weights"]) == (True, "hessian")  # the default clip search
     assert config["dtype"] == "bfloat16"  # a float32 source: non-quantized tensors written in 16 bits
     from safetensors import safe_open
     with safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as f:
@@ -290,6 +291,14 @@ def test_a_group_size_the_user_names_is_kept_with_a_note(odd_width_dir, tmp_path
     assert "dynamic act-order (desc_act true): vLLM refuses it" in printed
     q = json.load(open(out / "config.json"))["quantization_config"]
     assert (q["group_size"], q["desc_act"]) == (64, True)
+
+
+@pytest.mark.parametrize("clip,recorded", [("off", (False, None)), ("mse", (True, "uniform"))])
+def test_clip_flag_is_recorded(odd_width_dir, tmp_path, clip, recorded):
+    out = tmp_path / "q"
+    assert quantize_cli.main([*quantize_args(odd_width_dir, out), "--clip", clip]) == 0
+    meta = json.load(open(out / "config.json"))["quantization_config"]["meta"]
+    assert (meta["mse_clip"], meta.get("clip_weights")) == recorded
 
 
 # --- the default evaluation, end to end ----------------------------------------------------

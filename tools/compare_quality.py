@@ -47,13 +47,15 @@ from bluelm_quant.modeldir import ModelDir
 from bluelm_quant.nn import QuantLinear, replace_linear, set_module
 from bluelm_quant.pipeline import Calibration, RunOptions, quantize
 
-# Named GPTQ variants: QuantConfig fields, and calibration ("mix", "nsamples").
+# Named GPTQ variants: QuantConfig fields, and calibration ("mix", "nsamples"), each over
+# tools/quantize.py's defaults (static act-order, Hessian-weighted clip search): "static" and
+# "dynamic" are the plain min/max grid, the others the default with one change.
 VARIANTS = {
     "default": {},  # QuantConfig's defaults as tools/quantize.py uses them
     "no-act-order": {"desc_act": False},
-    "static": {"desc_act": True, "static_groups": True},
-    "dynamic": {"desc_act": True, "static_groups": False},
-    "static+mse": {"desc_act": True, "static_groups": True, "mse_clip": True},
+    "static": {"desc_act": True, "static_groups": True, "mse_clip": False},
+    "dynamic": {"desc_act": True, "static_groups": False, "mse_clip": False},
+    "static+mse": {"desc_act": True, "static_groups": True, "mse_clip": True, "clip_weights": "uniform"},
     "static+hmse": {"desc_act": True, "static_groups": True, "mse_clip": True, "clip_weights": "hessian"},
     "static+damp0.05": {"desc_act": True, "static_groups": True, "damp_percent": 0.05},
     "static+damp0.1": {"desc_act": True, "static_groups": True, "damp_percent": 0.1},
@@ -108,7 +110,8 @@ def _quantize_defaults() -> dict:
 
     args = parser().parse_args([])
     return {"desc_act": args.act_order != "off", "static_groups": args.act_order == "static", "sym": args.sym,
-            "mse_clip": args.mse_clip, "damp_percent": args.damp}
+            "mse_clip": args.clip != "off", "clip_weights": "hessian" if args.clip == "hessian" else "uniform",
+            "damp_percent": args.damp}
 
 
 def run_variant(args, name: str, bits: int, gs: int, windows: dict) -> dict:

@@ -18,6 +18,7 @@ from . import add_debug_flag, configure_logging, nonnegative_int, positive_float
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ACT_ORDERS = ("static", "dynamic", "off")
+CLIPS = ("hessian", "mse", "off")
 DEFAULT_GROUP_SIZE = 128
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -39,7 +40,10 @@ def parser() -> argparse.ArgumentParser:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid, zero fixed at the middle (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with a per-group zero point")
-    p.add_argument("--mse-clip", action="store_true", help="search a clipped grid range minimising the quantization MSE (default off)")
+    p.add_argument("--clip", choices=CLIPS, default="hessian",
+                   help="each group's grid range: hessian = the clipped range that minimises the quantization error "
+                        "weighted by each column's Hessian diagonal (default: the best on text the calibration never "
+                        "saw, tools/compare_quality.py), mse = the same unweighted, off = the weights' min/max")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize a layer's Linear groups in forward order, each seeing the quantized ones before it (default on)")
     p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening as a fraction of its mean diagonal, in (0, 1) (default 0.01)")
@@ -99,7 +103,7 @@ def quantize_command(args: argparse.Namespace) -> int:
     config = QuantConfig(
         bits=args.bits, group_size=_group_size(args), sym=args.sym, desc_act=args.act_order != "off",
         static_groups=args.act_order == "static", true_sequential=args.true_sequential,
-        damp_percent=args.damp, mse_clip=args.mse_clip,
+        damp_percent=args.damp, mse_clip=args.clip != "off", clip_weights="hessian" if args.clip == "hessian" else "uniform",
     )
     for note in engine_notes(config):
         print(f"Note: {note}.")
