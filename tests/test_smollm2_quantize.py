@@ -38,6 +38,7 @@ def test_gptq_on_smollm2_beats_rtn_in_english_and_chinese(tmp_path):
     assert written["quantization_config"]["group_size"] == 64 and written["dtype"] == "bfloat16"
     assert written["quantization_config"]["desc_act"] is False  # static act-order: the plain layout
     assert written["quantization_config"]["meta"]["act_order"] == "static"
+    assert written["quantization_config"]["meta"]["clip_weights"] == "hessian"  # the default clip search
     for name in ("quantize_config.json", "model.safetensors.index.json", "quantize_report.png", "tokenizer.json"):
         assert os.path.isfile(os.path.join(out, name)), name
 
