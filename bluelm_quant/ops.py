@@ -467,6 +467,13 @@ def _self_check(layer: QLayer, dtype: torch.dtype, device: torch.device) -> dict
     return out
 
 
+def _config_key(layer: QLayer, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The self-check's configuration (kernel_check): what selects kernel code besides the M-path.
+    gemm, plan_gemm and dequantize_columns must read the same verdicts, so they share this key."""
+    return (device, dtype, layer.bits, layer.group_size, layer.perm is not None, layer.in_features,
+            _cpu_isa if device.type == "cpu" else None)
+
+
 def gemm(x: torch.Tensor, layer: QLayer) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x [..., K]; output in x's dtype. `layer` as `prepare` made it."""
     k = layer.in_features
@@ -478,7 +485,7 @@ def gemm(x: torch.Tensor, layer: QLayer) -> torch.Tensor:
         _warn_once(why)
         return _gemm_reference_layer(x, layer)
     x2 = x.reshape(-1, k)
-    key = (x.device, dtype, layer.bits, layer.group_size, layer.perm is not None, k, _cpu_isa if x.device.type == "cpu" else None)
+    key = _config_key(layer, x.device, dtype)
     if not kernel_check.STATE.path_ok(key, _path(x2.shape[0], x.device), lambda: _self_check(layer, dtype, x.device)):
         return _gemm_reference_layer(x, layer)
     return _run_kernel(x2, layer, dtype).to(x.dtype).reshape(*x.shape[:-1], layer.qweight.shape[1])
@@ -525,7 +532,7 @@ def plan_gemm(x: torch.Tensor, layer: QLayer) -> GemmPlan | None:
     if layer.bias is not None and layer.bias.dtype != dtype:
         return None
     cpu_isa = _cpu_isa if x.device.type == "cpu" else None
-    key = (x.device, dtype, layer.bits, layer.group_size, layer.perm is not None, layer.in_features, cpu_isa)
+    key = _config_key(layer, x.device, dtype)
     state = kernel_check.STATE
     max_rows = _dequant_min_m(x.device)
     paths = {_path(m, x.device) for m in kernel_check.REPRESENTATIVE_M if m < max_rows}
@@ -594,8 +601,7 @@ def _dequantize_kernel_ok(layer: QLayer, dtype: torch.dtype) -> bool:
         return False
     if dtype not in supported:
         return False
-    key = (device, dtype, layer.bits, layer.group_size, layer.perm is not None, layer.in_features,
-           _cpu_isa if device.type == "cpu" else None)
+    key = _config_key(layer, device, dtype)
     return kernel_check.STATE.path_ok(key, "dequantize", lambda: _dequantize_self_check(layer, dtype))
 
 
