@@ -70,16 +70,17 @@ def decode_threads(threads: int | None = None):
     thread count into the code it generates: compile inside this block.
     """
     before = torch.get_num_threads()
-    before_kernels = ops._kernel_threads
+    before_kernels = ops.kernel_threads_setting()
     kernels = threads or before
+    has_kernels = ops.cpu_isa() is not None  # None: the extension is not built
     torch.set_num_threads(1)
-    if ops._ext is not None:
+    if has_kernels:
         ops.set_kernel_threads(kernels)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-        if ops._ext is not None:
+        if has_kernels:
             ops.set_kernel_threads(before_kernels)
 
 

@@ -375,6 +375,11 @@ def set_kernel_threads(n: int | None) -> int:
     return min(kernel_threads(), _USABLE_CPUS)
 
 
+def kernel_threads_setting() -> int:
+    """What set_kernel_threads was last given (0: the kernels follow torch.get_num_threads())."""
+    return _kernel_threads
+
+
 def kernel_threads() -> int:
     """The thread count the CPU kernels are asked for (before the cap at the usable CPUs)."""
     return _kernel_threads or torch.get_num_threads()
@@ -676,6 +681,7 @@ __all__ = [
     "prepare",
     "run_plan",
     "kernel_threads",
+    "kernel_threads_setting",
     "set_cpu_isa",
     "set_kernel_threads",
     "standard_qweight",
