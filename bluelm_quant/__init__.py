@@ -7,6 +7,7 @@ trust_remote_code. docs/ARCHITECTURE.md maps the modules.
 from .auto import register_auto_classes
 from .chat import chat
 from .config import QuantConfig, QuantConfigError
+from .fuse import fuse_projections
 from .loading import load_quantized
 from .modeldir import ModelDir
 from .nn import QuantLinear, replace_linear
@@ -17,6 +18,6 @@ register_auto_classes()
 
 __all__ = [
     "Calibration", "ModelDir", "QuantConfig", "QuantConfigError", "QuantLinear", "RunOptions", "chat",
-    "load_quantized", "quantize", "quantize_model", "register_auto_classes", "replace_linear", "save_quantized",
+    "fuse_projections", "load_quantized", "quantize", "quantize_model", "register_auto_classes", "replace_linear", "save_quantized",
 ]
 __version__ = "0.1.0"

@@ -596,3 +596,19 @@ def test_memory_bench_runs_at_toy_size(tmp_path, capsys):
     assert set(rows) == {f"{k} ckpt={c}" for k in ("4-bit", "bf16") for c in (False, True)}
     assert rows["4-bit ckpt=False"]["weights_per_layer"] < rows["bf16 ckpt=False"]["weights_per_layer"] / 3
     assert "Estimate for a whole 32-layer 7B" in capsys.readouterr().out
+
+
+@needs_peft
+def test_chat_fuses_projections_only_without_an_adapter(qdir, data, tmp_path):
+    """bluelm-chat fuses q/k/v and gate/up for speed (fuse.py), except under an adapter, whose LoRA
+    layers wrap the separate Linears."""
+    from bluelm_quant.cli import chat as chat_cli
+    from bluelm_quant.fuse import FusedMember
+
+    finetune(_cfg(qdir, data["pr"], tmp_path / "run", max_steps=1))
+    plain, _ = chat_cli.load_chat_model(chat_cli.parser().parse_args(["--model", qdir]), "cpu")
+    assert isinstance(plain.model.layers[0].self_attn.q_proj, FusedMember)
+    tuned, _ = chat_cli.load_chat_model(chat_cli.parser().parse_args(["--model", qdir, "--adapter", str(tmp_path / "run")]),
+                                        "cpu")
+    q = tuned.get_base_model().model.layers[0].self_attn.q_proj
+    assert not isinstance(q, FusedMember) and hasattr(q, "lora_A")

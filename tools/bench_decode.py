@@ -24,6 +24,7 @@ compiled step is bound to its model's modules) and run every variant on each, al
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--lm-head-bits", default="16", help="comma list of 16, 8, 4 (default 16)")
     p.add_argument("--attention", default="loaded",
                    help="comma list: 'loaded' (as load_quantized sets it), 'sdpa', 'bluelm_cpu' (cpu_attention.py)")
+    p.add_argument("--fuse", default="on", help="comma list: 'on' (q/k/v and gate/up as one kernel call each, "
+                   "bluelm_quant.fuse, as the chat CLI runs it), 'off' (default on; 'before' is always off)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table for each variant")
     args = p.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -146,25 +149,31 @@ def main(argv=None) -> int:
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
     if not attentions or any(a not in ("loaded", "sdpa", "bluelm_cpu") for a in attentions):
         p.error(f"--attention {args.attention}: use a comma list of loaded, sdpa, bluelm_cpu")
+    fuses = [f.strip() for f in args.fuse.split(",") if f.strip()]
+    if not fuses or any(f not in ("on", "off") for f in fuses):
+        p.error(f"--fuse {args.fuse}: use a comma list of on, off")
     from bluelm_quant import cpu_attention  # noqa: F401  (registers bluelm_cpu)
+    from bluelm_quant.fuse import fuse_projections
 
     runners, reference = {}, {}
-    for bits in heads:
-        for attn in attentions:
-            model = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
-            if attn != "loaded":
-                model.set_attn_implementation(attn)
-            for name in names:
-                label = name + (f" h{bits}" if len(heads) > 1 else "") + (f" {attn}" if len(attentions) > 1 else "")
-                if name == "before":  # SDPA, as models were loaded before issue 14; its own model
-                    label = "before" + (f" h{bits}" if len(heads) > 1 else "")
-                    if label in runners:
-                        continue
-                    model_before = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
-                    model_before.set_attn_implementation("sdpa")
-                    runners[label] = (bits, make_runner(name, model_before, args))
-                else:
-                    runners[label] = (bits, make_runner(name, model, args))
+    for bits, attn, fuse in itertools.product(heads, attentions, fuses):
+        model = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
+        if attn != "loaded":
+            model.set_attn_implementation(attn)
+        if fuse == "on":
+            fuse_projections(model)
+        for name in names:
+            label = name + (f" h{bits}" if len(heads) > 1 else "") + (f" {attn}" if len(attentions) > 1 else "")
+            label += " unfused" if fuse == "off" and len(fuses) > 1 else ""
+            if name == "before":  # SDPA, as models were loaded before issue 14; its own model
+                label = "before" + (f" h{bits}" if len(heads) > 1 else "")
+                if label in runners:
+                    continue
+                model_before = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
+                model_before.set_attn_implementation("sdpa")
+                runners[label] = (bits, make_runner(name, model_before, args))
+            else:
+                runners[label] = (bits, make_runner(name, model, args))
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     names = list(runners)
     times = {name: {"prefill": [], "decode": []} for name in names}

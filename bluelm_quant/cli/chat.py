@@ -71,21 +71,34 @@ def check_threads(threads: int | None) -> int | None:
     return threads
 
 
-def chat_command(args: argparse.Namespace) -> int:
+def load_chat_model(args: argparse.Namespace, device: str):
+    """(model, tokenizer) as the chat runs them: with the adapter when one is given, else with the
+    projections that share an input fused into one kernel call each (fuse.py; adapters need the
+    separate Linears, and a chat never saves the model)."""
     import torch
 
-    from ..chat import ChatError, encode_prompt, stream_chat
+    from ..fuse import fuse_projections
     from ..hf import load_model_and_tokenizer
 
-    configure_logging()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    threads = check_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, lm_head_bits=args.lm_head_bits,
                                                 dtype=getattr(torch, args.dtype) if args.dtype else None)
     if args.adapter:
         from ..lora import load_adapter
 
-        model = load_adapter(model, args.adapter)
+        return load_adapter(model, args.adapter), tokenizer
+    fuse_projections(model)
+    return model, tokenizer
+
+
+def chat_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..chat import ChatError, encode_prompt, stream_chat
+
+    configure_logging()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = check_threads(args.threads)
+    model, tokenizer = load_chat_model(args, device)
     generation = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, repetition_penalty=args.repetition_penalty,
                       threads=threads, fast=args.fast)
     if args.do_sample:
