@@ -1,4 +1,4 @@
-"""Calibration sources -> seeded token windows, and the bundled held-out texts.
+"""Calibration sources -> seeded token windows, and the bundled calibration texts.
 
 A source is a plain-text file (`.txt`, one document) or a file of records (`.jsonl`, or
 `.json` holding a list of records or JSON lines), each record one document. Documents
@@ -19,10 +19,10 @@ or `Source.template`, a `str.format` template over the record such as
 "bluelm" ([|Human|]:{q}[|AI|]:{a}</s>), "template" (the tokenizer's chat template),
 or a callable (prompt, response) -> str.
 
-Bundled sets (texts/SOURCES.md): `eval_windows(tok, lang, domain)` gives the in-domain
-held-out or the out-of-domain evaluation windows, `calibration_mix(name)` a named mix
-of calibration sources. `check_eval_overlap` and `calibration_windows` warn when inputs
-share text (bluelm_quant.overlap).
+Bundled texts (texts/SOURCES.md): `calibration_mix(name)` is a named mix of calibration
+sources; `bundled_file` and `check_lang` find the bundled files for this module and for
+eval_data.py, which holds the evaluation sets (held-out and out-of-domain) apart from the
+calibration side. `calibration_windows` warns when two sources share text (bluelm_quant.overlap).
 """
 from __future__ import annotations
 
@@ -42,16 +42,6 @@ logger = logging.getLogger(__name__)
 
 TEXTS_DIR = Path(__file__).resolve().parent / "texts"
 LANGS = ("en", "zh")
-DOMAINS = ("in", "out")
-# Evaluation sets by domain (file stems, "{lang}" filled in; texts/SOURCES.md has the
-# sources). "in": held-out chapters of the document the default calibration text is cut
-# from. "out": other documents, used by no calibration mix: a book and a desktop help
-# (technical prose, like the calibration text) and a game's story text (narrative prose:
-# another genre altogether).
-EVAL_SETS = {
-    "in": ("heldout_{lang}",),
-    "out": ("eval_handbook_{lang}", "eval_gnomehelp_{lang}", "eval_wesnoth_{lang}"),
-}
 # Calibration sources by name (file names, "{lang}" filled in), and named mixes of them.
 # Every mix takes both languages of each of its sources; windows split evenly per file.
 CALIB_SOURCES = {
@@ -120,40 +110,10 @@ class Source:
             )
 
 
-def calibration_path(lang: str) -> Path:
-    """Bundled calibration text for `lang` ("en" or "zh")."""
-    return _bundled("calib", lang)
+# ---------------------------------------------------------------- the bundled texts
 
-
-def heldout_path(lang: str) -> Path:
-    """Bundled held-out evaluation text for `lang`; disjoint from the calibration text."""
-    return _bundled("heldout", lang)
-
-
-def heldout_text(lang: str) -> str:
-    return heldout_path(lang).read_text(encoding="utf-8")
-
-
-def _bundled(kind: str, lang: str) -> Path:
-    if lang not in LANGS:
-        raise ValueError(f"lang={lang!r}: bundled texts exist for {LANGS}")
-    path = TEXTS_DIR / f"{kind}_{lang}.txt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: the package was installed without its texts/ data; "
-            "reinstall bluelm-quant or run tools/build_texts.py"
-        )
-    return path
-
-
-def default_sources() -> list[Source]:
-    """The bundled English and Chinese calibration texts (mixed evenly)."""
-    return [Source(calibration_path(lang)) for lang in LANGS]
-
-
-# ---------------------------------------------------------------- named bundled sets
-
-def _bundled_file(name: str) -> Path:
+def bundled_file(name: str) -> Path:
+    """A file of the bundled texts/ folder (FileNotFoundError saying how to get it back when missing)."""
     path = TEXTS_DIR / name
     if not path.is_file():
         raise FileNotFoundError(
@@ -163,53 +123,21 @@ def _bundled_file(name: str) -> Path:
     return path
 
 
-def _check_lang(lang: str) -> None:
+def check_lang(lang: str) -> None:
+    """ValueError unless the bundled texts have language `lang`."""
     if lang not in LANGS:
         raise ValueError(f"lang={lang!r}: bundled texts exist for {LANGS}")
 
 
-def _check_lang_domain(lang: str, domain: str) -> None:
-    _check_lang(lang)
-    if domain not in DOMAINS:
-        raise ValueError(f"domain={domain!r} must be one of {DOMAINS} (in: held-out chapters of "
-                         "the calibration document; out: documents no calibration mix uses)")
+def calibration_path(lang: str) -> Path:
+    """Bundled calibration text for `lang` ("en" or "zh")."""
+    check_lang(lang)
+    return bundled_file(f"calib_{lang}.txt")
 
 
-def eval_paths(lang: str, domain: str = "in") -> dict[str, Path]:
-    """The bundled evaluation files of one language and domain, by name (file stem)."""
-    _check_lang_domain(lang, domain)
-    return {stem.format(lang=lang): _bundled_file(stem.format(lang=lang) + ".txt")
-            for stem in EVAL_SETS[domain]}
-
-
-def eval_texts(lang: str, domain: str = "in") -> dict[str, str]:
-    return {name: path.read_text(encoding="utf-8") for name, path in eval_paths(lang, domain).items()}
-
-
-def eval_windows(tokenizer, lang: str, domain: str = "in", seqlen: int = 512,
-                 max_windows: int | None = None) -> dict[str, torch.Tensor]:
-    """Consecutive windows [n, seqlen] of each evaluation file of `lang` and `domain`.
-
-    `max_windows` is split as evenly as possible over the files (the first windows of
-    each); None takes every whole window. For domain "in" this is exactly what
-    `perplexity(model, tok, heldout_text(lang), seqlen, max_windows)` scores.
-    """
-    from .evaluate import text_windows  # evaluate imports tqdm; keep data.py light
-
-    texts = eval_texts(lang, domain)
-    if max_windows is not None and max_windows < len(texts):
-        raise ValueError(f"max_windows={max_windows}: {lang}/{domain} has {len(texts)} files, "
-                         "so at least one window each is needed")
-    counts = ([None] * len(texts) if max_windows is None
-              else _split_evenly(max_windows, len(texts)))
-    out = {}
-    for (name, text), count in zip(texts.items(), counts):
-        windows = text_windows(tokenizer, text, seqlen, count)
-        if count is not None and windows.shape[0] < count:
-            raise ValueError(f"{name} gives {windows.shape[0]} windows of seqlen={seqlen}, "
-                             f"{count} asked; ask for fewer windows or a smaller seqlen")
-        out[name] = windows
-    return out
+def default_sources() -> list[Source]:
+    """The bundled English and Chinese calibration texts (mixed evenly)."""
+    return [Source(calibration_path(lang)) for lang in LANGS]
 
 
 def calibration_mix(name: str = "default", chat: ChatFormat = "template",
@@ -225,28 +153,14 @@ def calibration_mix(name: str = "default", chat: ChatFormat = "template",
     sources = []
     for source in CALIB_MIXES[name]:
         for lang in langs:
-            _check_lang(lang)
-            path = _bundled_file(CALIB_SOURCES[source].format(lang=lang))
+            check_lang(lang)
+            path = bundled_file(CALIB_SOURCES[source].format(lang=lang))
             sources.append(Source(path, chat=chat) if source == "chat" else Source(path))
     return sources
 
 
-def check_eval_overlap(tokenizer, evaluation: dict[str, torch.Tensor], sources: Sequence | None = None,
-                       ngram: int | None = None) -> list:
-    """Warns (logging) for each evaluation set that shares text with a calibration source.
-
-    evaluation: named windows (eval_windows); sources: calibration sources as given to
-    calibration_windows (None = the bundled default). Returns the Overlap list.
-    """
-    from .overlap import DEFAULT_NGRAM, warn_overlaps
-
-    sources = default_sources() if sources is None else list(sources)
-    streams = {_source_name(src): token_stream(tokenizer, src) for src in sources}
-    return warn_overlaps(evaluation, streams, ngram or DEFAULT_NGRAM,
-                         "perplexity on those windows is not measured on unseen text")
-
-
-def _source_name(src) -> str:
+def source_name(src) -> str:
+    """A source (path or Source) by name in warnings."""
     return str(src.path if isinstance(src, Source) else src)
 
 
@@ -447,7 +361,8 @@ def token_stream(tokenizer, source, max_tokens: int | None = None,
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _split_evenly(n: int, k: int) -> list[int]:
+def split_evenly(n: int, k: int) -> list[int]:
+    """n items over k parts, as evenly as possible (the first parts get one more)."""
     return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
@@ -469,7 +384,7 @@ def calibration_windows(tokenizer, sources: Sequence | None = None, nsamples: in
     gen = torch.Generator().manual_seed(seed)
     rows = []
     per_source = []  # (name, its windows, its token stream) for the overlap check
-    for src, count in zip(sources, _split_evenly(nsamples, len(sources))):
+    for src, count in zip(sources, split_evenly(nsamples, len(sources))):
         if count == 0:
             continue
         # Enough text that windows rarely overlap, without tokenizing a whole corpus.
@@ -483,7 +398,7 @@ def calibration_windows(tokenizer, sources: Sequence | None = None, nsamples: in
         starts = torch.randint(0, stream.numel() - seqlen + 1, (count,), generator=gen)
         mine = [stream[s:s + seqlen] for s in starts.tolist()]
         rows.extend(mine)
-        per_source.append((_source_name(src), torch.stack(mine), stream))
+        per_source.append((source_name(src), torch.stack(mine), stream))
     _warn_calibration_overlap(per_source)
     windows = torch.stack(rows)
     return windows[torch.randperm(windows.shape[0], generator=gen)]

@@ -1,7 +1,7 @@
 """QuantLinear: a Linear layer whose weight lives in the standard GPTQ tensors.
 
 Persistent buffers (what a checkpoint holds): qweight, qzeros, scales, g_idx and an
-optional bias, in the layout described in ops.py. `post_init()` asks ops.prepare for the
+optional bias, in the layout described in qlayer.py. `post_init()` asks ops.prepare for the
 kernel's layout once the tensors are loaded: for act-order layers qweight's rows are
 regrouped in place of the checkpoint's order (one copy of the weights, not two) and the
 permutation is kept as a non-persistent buffer `kernel_perm`. Saving (state_dict) writes

@@ -121,7 +121,7 @@ class CPUEmbedding(nn.Module):
 class Int8Linear(nn.Module):
     """y = x @ (scale[:, None] * q).T, q int8 [N, K] symmetric per output row, no bias.
 
-    On the CPU, below ops.CPU_INT8_DEQUANT_MIN_M rows, the int8 kernel (ops.gemm_int8)
+    On the CPU, below int8_ops.CPU_INT8_DEQUANT_MIN_M rows, the int8 kernel (ops.gemm_int8)
     reads the int8 weight as it is. Otherwise the weight is dequantized CHUNK_ROWS rows at
     a time, so no full-precision copy of it ever exists (64 MB of temporaries for BlueLM's
     100096 x 4096 head in fp16). torch's fused CPU op (_weight_int8pack_mm) was measured

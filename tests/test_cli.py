@@ -19,7 +19,7 @@ from bluelm_quant.cli import chat as chat_cli
 from bluelm_quant.cli import configure_logging
 from bluelm_quant.cli import eval_ppl as eval_cli
 from bluelm_quant.cli import quantize as quantize_cli
-from bluelm_quant.data import heldout_text
+from bluelm_quant.eval_data import heldout_text
 from bluelm_quant.evaluate import perplexity
 from bluelm_quant.hf import load_model_and_tokenizer
 from bluelm_quant.outputs import OutputError

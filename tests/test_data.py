@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bluelm_quant import data
+from bluelm_quant import data, eval_data
 from bluelm_quant.data import CalibrationDataError, Source, calibration_windows, token_stream
 
 from tiny_models import byte_tokenizer
@@ -66,7 +66,7 @@ def test_uneven_split_and_no_special_tokens(tok, tmp_path):
 def test_bundled_texts_exist_and_heldout_never_overlaps_calibration():
     for lang in data.LANGS:
         calib = data.calibration_path(lang).read_text(encoding="utf-8")
-        held = data.heldout_text(lang)
+        held = eval_data.heldout_text(lang)
         assert 100_000 < len(calib.encode()) < 400_000
         assert 40_000 < len(held.encode()) < 110_000
         calib_paras = set(calib.split("\n\n"))
@@ -74,9 +74,9 @@ def test_bundled_texts_exist_and_heldout_never_overlaps_calibration():
         # Longer shared sentences would also be an overlap.
         sentences = {s for s in re.split(r"(?<=[.。!?！？])\s*", held) if len(s) > 60}
         assert not [s for s in sentences if s in calib]
-    assert re.search(r"[\u4e00-\u9fff]{20}", data.heldout_text("zh"))
+    assert re.search(r"[\u4e00-\u9fff]{20}", eval_data.heldout_text("zh"))
     with pytest.raises(ValueError, match="lang='fr'"):
-        data.heldout_path("fr")
+        eval_data.heldout_path("fr")
 
 
 def test_jsonl_presets_autodetected(tok, tmp_path):
@@ -211,9 +211,9 @@ def test_eval_sets_exist_and_out_of_domain_shares_nothing_with_any_calibration_s
     calib_files = {name.format(lang=lang) for name in data.CALIB_SOURCES.values() for lang in data.LANGS}
     calib_text = {name: (data.TEXTS_DIR / name).read_text(encoding="utf-8") for name in calib_files}
     for lang in data.LANGS:
-        assert list(data.eval_paths(lang, "in")) == [f"heldout_{lang}"]
-        assert data.eval_texts(lang, "in")[f"heldout_{lang}"] == data.heldout_text(lang)
-        out = data.eval_paths(lang, "out")
+        assert list(eval_data.eval_paths(lang, "in")) == [f"heldout_{lang}"]
+        assert eval_data.eval_texts(lang, "in")[f"heldout_{lang}"] == eval_data.heldout_text(lang)
+        out = eval_data.eval_paths(lang, "out")
         assert sorted(out) == [f"eval_gnomehelp_{lang}", f"eval_handbook_{lang}", f"eval_wesnoth_{lang}"]
         for name, path in out.items():
             assert 40_000 < path.stat().st_size <= 100_000, name  # >= 30 windows of 512 SmolLM2 tokens
@@ -225,33 +225,33 @@ def test_eval_sets_exist_and_out_of_domain_shares_nothing_with_any_calibration_s
                 sentences = {s for s in re.split(r"(?<=[.。!?！？])\s*", path.read_text(encoding="utf-8"))
                              if len(s) > 80}
                 assert not [s for s in sentences if s in text], (name, calib_name)
-    zh = data.eval_texts("zh", "out")
+    zh = eval_data.eval_texts("zh", "out")
     assert all(re.search(r"[\u4e00-\u9fff]{20}", t) for t in zh.values())
-    assert not re.search(r"[\u4e00-\u9fff]", "".join(data.eval_texts("en", "out").values()))
+    assert not re.search(r"[\u4e00-\u9fff]", "".join(eval_data.eval_texts("en", "out").values()))
 
 
 def test_eval_windows_split_evenly_and_match_text_windows(tok):
     from bluelm_quant.evaluate import text_windows
 
-    out = data.eval_windows(tok, "en", "out", seqlen=64, max_windows=5)
+    out = eval_data.eval_windows(tok, "en", "out", seqlen=64, max_windows=5)
     assert [w.shape for w in out.values()] == [(2, 64), (2, 64), (1, 64)]
     for name, w in out.items():
-        assert torch.equal(w, text_windows(tok, data.eval_texts("en", "out")[name], 64, w.shape[0]))
-    held = data.eval_windows(tok, "zh", "in", seqlen=128, max_windows=4)
-    assert torch.equal(held["heldout_zh"], text_windows(tok, data.heldout_text("zh"), 128, 4))
-    every = data.eval_windows(tok, "en", "in", seqlen=4096)
-    assert every["heldout_en"].shape[0] == len(data.heldout_text("en").encode()) // 4096
+        assert torch.equal(w, text_windows(tok, eval_data.eval_texts("en", "out")[name], 64, w.shape[0]))
+    held = eval_data.eval_windows(tok, "zh", "in", seqlen=128, max_windows=4)
+    assert torch.equal(held["heldout_zh"], text_windows(tok, eval_data.heldout_text("zh"), 128, 4))
+    every = eval_data.eval_windows(tok, "en", "in", seqlen=4096)
+    assert every["heldout_en"].shape[0] == len(eval_data.heldout_text("en").encode()) // 4096
 
 
 def test_eval_windows_bad_input(tok):
     with pytest.raises(ValueError, match=r"domain='mid' must be one of \('in', 'out'\)"):
-        data.eval_windows(tok, "en", "mid")
+        eval_data.eval_windows(tok, "en", "mid")
     with pytest.raises(ValueError, match="lang='fr'"):
-        data.eval_paths("fr", "out")
+        eval_data.eval_paths("fr", "out")
     with pytest.raises(ValueError, match=r"max_windows=2: zh/out has 3 files"):
-        data.eval_windows(tok, "zh", "out", seqlen=64, max_windows=2)
+        eval_data.eval_windows(tok, "zh", "out", seqlen=64, max_windows=2)
     with pytest.raises(ValueError, match=r"eval_handbook_en gives 1 windows of seqlen=50000, 2 asked"):
-        data.eval_windows(tok, "en", "out", seqlen=50_000, max_windows=4)
+        eval_data.eval_windows(tok, "en", "out", seqlen=50_000, max_windows=4)
 
 
 def test_calibration_mixes(tok):
@@ -292,12 +292,12 @@ def test_overlap_counts_windows_sharing_a_span():
 
 
 def test_eval_overlapping_calibration_warns_with_both_names(tok, tmp_path, caplog):
-    held = data.heldout_text("en")
+    held = eval_data.heldout_text("en")
     copied = write(tmp_path / "copied.txt", "Unrelated words. " * 40 + held[3000:4000])
     clean = write(tmp_path / "clean.txt", "Unrelated words, nothing else. " * 200)
-    ev = data.eval_windows(tok, "en", "in", seqlen=512, max_windows=16)
+    ev = eval_data.eval_windows(tok, "en", "in", seqlen=512, max_windows=16)
     with caplog.at_level("WARNING", logger="bluelm_quant"):
-        found = data.check_eval_overlap(tok, ev, [copied, clean])
+        found = eval_data.check_eval_overlap(tok, ev, [copied, clean])
     assert [(o.a, o.b) for o in found] == [("heldout_en", str(copied))]
     assert 2 <= found[0].windows <= 3 and found[0].total == 16  # ~1000 bytes span 2-3 windows
     assert len(caplog.records) == 1
@@ -327,9 +327,9 @@ def test_bundled_sets_do_not_trigger_overlap_warnings(tok, caplog):
     # Byte tokens: 64 bytes is ~10 English words, stricter than 64 SmolLM2 tokens.
     ev = {}
     for lang in data.LANGS:
-        ev.update(data.eval_windows(tok, lang, "out", seqlen=512, max_windows=16))
+        ev.update(eval_data.eval_windows(tok, lang, "out", seqlen=512, max_windows=16))
     with caplog.at_level("WARNING", logger="bluelm_quant"):
-        found = data.check_eval_overlap(tok, ev, data.calibration_mix("diverse", chat="bluelm"))
+        found = eval_data.check_eval_overlap(tok, ev, data.calibration_mix("diverse", chat="bluelm"))
     assert found == [] and not caplog.records
 
 
@@ -346,6 +346,6 @@ def test_out_of_domain_sets_with_the_smollm2_tokenizer():
     smol = AutoTokenizer.from_pretrained(ensure_smollm2())
     ev = {}
     for lang in data.LANGS:
-        ev.update(data.eval_windows(smol, lang, "out", seqlen=512))
+        ev.update(eval_data.eval_windows(smol, lang, "out", seqlen=512))
     assert min(w.shape[0] for w in ev.values()) >= 38, {n: w.shape[0] for n, w in ev.items()}
-    assert data.check_eval_overlap(smol, ev, data.calibration_mix("diverse")) == []
+    assert eval_data.check_eval_overlap(smol, ev, data.calibration_mix("diverse")) == []

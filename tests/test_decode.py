@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from bluelm_quant import kernel_check, ops
+from bluelm_quant import cpu_settings, extension, kernel_check, ops
 from bluelm_quant.config import QuantConfig
 from bluelm_quant.generate import Generator, decode_threads, fast_generate_config
 from bluelm_quant.loading import load_quantized
@@ -16,7 +16,7 @@ from bluelm_quant.saving import save_quantized
 
 from tiny_models import tiny_llama, tokens
 
-pytestmark = [pytest.mark.skipif(ops._ext is None, reason="needs the compiled quant_cuda extension"),
+pytestmark = [pytest.mark.skipif(extension.quant_cuda() is None, reason="needs the compiled quant_cuda extension"),
               pytest.mark.usefixtures("one_thread")]
 
 
@@ -119,18 +119,18 @@ def test_decode_threads_splits_and_restores():
     with decode_threads(2):
         assert torch.get_num_threads() == 1
         assert ops.kernel_threads() == 2
-    assert torch.get_num_threads() == before and ops._kernel_threads == 0
+    assert torch.get_num_threads() == before and ops.kernel_threads_setting() == 0
 
 
 def test_kernel_threads_bad_counts(monkeypatch, caplog):
     with pytest.raises(ops.QuantOpError, match=r"set_kernel_threads\(-1\): use a positive thread count"):
         ops.set_kernel_threads(-1)
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(extension, "_warned", set())
     try:
         with caplog.at_level(logging.WARNING, logger="bluelm_quant.ops"):
-            used = ops.set_kernel_threads(ops._USABLE_CPUS + 5)
-        assert used == ops._USABLE_CPUS
-        assert f"set_kernel_threads({ops._USABLE_CPUS + 5}) but this process may run on {ops._USABLE_CPUS} CPUs" in caplog.text
+            used = ops.set_kernel_threads(cpu_settings._USABLE_CPUS + 5)
+        assert used == cpu_settings._USABLE_CPUS
+        assert f"set_kernel_threads({cpu_settings._USABLE_CPUS + 5}) but this process may run on {cpu_settings._USABLE_CPUS} CPUs" in caplog.text
         q = quant_layer()
         x = torch.randn(2, 256)
         with torch.no_grad():
@@ -221,7 +221,7 @@ def test_chat_on_a_4bit_model_fast_and_threaded_gives_the_same_reply(bluelm_dir)
     assert chat(model, tok, "Tell me about the river.", max_new_tokens=8, threads=2)[0] == want
     assert chat(model, tok, "Tell me about the river.", max_new_tokens=8, fast=True)[0] == want
     assert list(stream_chat(model, tok, "Tell me about the river.", max_new_tokens=8, fast=True))[-1][0] == want
-    assert torch.get_num_threads() == before and ops._kernel_threads == 0  # restored after each turn
+    assert torch.get_num_threads() == before and ops.kernel_threads_setting() == 0  # restored after each turn
 
 
 def test_chat_tool_bad_thread_and_head_options(bluelm_dir, capsys):
@@ -232,8 +232,8 @@ def test_chat_tool_bad_thread_and_head_options(bluelm_dir, capsys):
         with pytest.raises(SystemExit) as exc:
             chat_cli.main(["--model", bluelm_dir] + argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
-    assert chat_cli.check_threads(ops._USABLE_CPUS + 7) == ops._USABLE_CPUS
-    assert f"--threads {ops._USABLE_CPUS + 7} but this process may run on {ops._USABLE_CPUS} CPUs" in capsys.readouterr().err
+    assert chat_cli.check_threads(cpu_settings._USABLE_CPUS + 7) == cpu_settings._USABLE_CPUS
+    assert f"--threads {cpu_settings._USABLE_CPUS + 7} but this process may run on {cpu_settings._USABLE_CPUS} CPUs" in capsys.readouterr().err
 
 
 def test_eval_ppl_scores_the_quantized_head_it_is_asked_for(bluelm_dir, capsys, tmp_path):
@@ -287,11 +287,11 @@ def test_bench_against_llamacpp_runs_ours_and_says_llamacpp_is_missing(tmp_path,
     save_quantized(model.requires_grad_(False), path, config)
     byte_tokenizer().save_pretrained(path)
     args = ["--quant", path, "--engines", "ours-eager,llama.cpp", "--rounds", "2", "--prompt", "6", "--new", "4",
-            "--lm-head-bits", "8", "--threads", str(ops._USABLE_CPUS + 1)]
+            "--lm-head-bits", "8", "--threads", str(cpu_settings._USABLE_CPUS + 1)]
     assert bench.main(args) == 0
     out, err = capsys.readouterr()
     assert bench.LLAMA_CPP_MISSING in err
-    assert f"--threads {ops._USABLE_CPUS + 1} but this process may run on {ops._USABLE_CPUS} CPUs" in err
+    assert f"--threads {cpu_settings._USABLE_CPUS + 1} but this process may run on {cpu_settings._USABLE_CPUS} CPUs" in err
     rows = out.splitlines()
     assert rows[1].startswith("ours 4-bit, lm_head 8-bit, eager") and "NOT measured in this run" in rows[2]
     decode = float(rows[1].split("|")[1])

@@ -28,21 +28,21 @@ import threading
 import pytest
 import torch
 
-from bluelm_quant import ops
+from bluelm_quant import cpu_settings, extension, int8_ops, ops
 from bluelm_quant.nn import QuantLinear
 from bluelm_quant.packing import pack_qzeros
 
 OPS = torch.ops.bluelm_quant if hasattr(torch.ops, "bluelm_quant") else None
-CUDA = torch.cuda.is_available() and ops._ext is not None and ops._ext.with_cuda
+CUDA = torch.cuda.is_available() and extension.quant_cuda() is not None and extension.quant_cuda().with_cuda
 OUT_EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-DETECTED_ISA = ops._ext.cpu_isa_detected if ops._ext is not None else "scalar"
+DETECTED_ISA = extension.quant_cuda().cpu_isa_detected if extension.quant_cuda() is not None else "scalar"
 CPU_ISAS = ops.CPU_ISAS[ops.CPU_ISAS.index(DETECTED_ISA):]  # the bodies this CPU runs
 
 
 @pytest.fixture(params=CPU_ISAS)
 def cpu_isa(request):
     """Run the test on one CPU body, then restore the default."""
-    if ops._ext is None:
+    if extension.quant_cuda() is None:
         pytest.skip("quant_cuda is not built")
     assert ops.set_cpu_isa(request.param) == request.param
     yield request.param
@@ -129,11 +129,11 @@ def test_extension_is_built_and_used():
 
 def test_missing_extension_is_reported(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "quant_cuda", None)  # makes `import quant_cuda` raise
-    module, why = ops._load_extension()
+    module, why = extension._load_extension()
     assert module is None and "quant_cuda" in why
-    monkeypatch.setattr(ops, "_ext", None)
-    monkeypatch.setattr(ops, "_ext_error", why)
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(extension, "_ext", None)
+    monkeypatch.setattr(extension, "_ext_error", why)
+    monkeypatch.setattr(extension, "_warned", set())
     assert ops.backend().startswith("reference (extension not built: ")
     layer = make_layer(64, 8, 32)
     x = activations(2, 64, torch.float32)
@@ -462,8 +462,8 @@ def test_cpu_isa_above_the_cpu_falls_back_with_a_warning(monkeypatch, caplog):
         def set_cpu_isa(name):
             return name if ops.CPU_ISAS.index(name) >= ops.CPU_ISAS.index("avx2") else "avx2"
 
-    monkeypatch.setattr(ops, "_ext", OldCpu)
-    monkeypatch.setattr(ops, "_cpu_isa", "avx2")
+    monkeypatch.setattr(extension, "_ext", OldCpu)
+    monkeypatch.setattr(cpu_settings, "_cpu_isa", "avx2")
     with caplog.at_level("WARNING", logger="bluelm_quant.ops"):
         assert ops.set_cpu_isa("amx") == "avx2"
     assert "this CPU cannot run the amx kernels (it has avx2): using avx2" in caplog.text
@@ -481,7 +481,7 @@ def test_cpu_isa_environment_variable_at_import():
 def test_cpu_isa_environment_variable_typo(monkeypatch, caplog):
     monkeypatch.setenv("BLUELM_QUANT_CPU_ISA", "avx9")
     with caplog.at_level("WARNING", logger="bluelm_quant.ops"):
-        ops._isa_from_environment()
+        cpu_settings._isa_from_environment()
     assert "BLUELM_QUANT_CPU_ISA='avx9' ignored: unknown CPU kernel body 'avx9'" in caplog.text
     assert ops.cpu_isa() == DETECTED_ISA
 
@@ -490,9 +490,9 @@ def test_more_threads_than_cpus_warns_and_stays_right(monkeypatch, caplog):
     layer = make_layer(1024, 264, 128, seed=13)
     x = activations(2, 1024, torch.float32)
     want = run_gemm(x, layer)
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(extension, "_warned", set())
     before = torch.get_num_threads()
-    cpus = ops._USABLE_CPUS
+    cpus = cpu_settings._USABLE_CPUS
     try:
         torch.set_num_threads(cpus + 3)
         with caplog.at_level("WARNING", logger="bluelm_quant.ops"):
@@ -593,7 +593,7 @@ def test_gemm_int8_gateway():
     y = ops.gemm_int8(x, weight, scale)
     assert y.shape == (2, 3, 24) and y.dtype == torch.float16
     assert_int8_matches_oracle(y.reshape(6, 24), x.reshape(6, 64), weight, scale)
-    big = torch.zeros(ops.CPU_INT8_DEQUANT_MIN_M, 64)
+    big = torch.zeros(int8_ops.CPU_INT8_DEQUANT_MIN_M, 64)
     assert not ops.int8_kernel_runs(big) and not ops.int8_kernel_runs(x.double())
     with pytest.raises(ops.QuantOpError, match="no int8 kernel"):
         ops.gemm_int8(big, weight, scale)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bluelm_quant.config import QuantConfig
-from bluelm_quant.data import heldout_text
+from bluelm_quant.eval_data import heldout_text
 from bluelm_quant.evaluate import perplexity
 from bluelm_quant.hf import load_model_and_tokenizer
 from bluelm_quant.layerwise import layerwise_perplexity

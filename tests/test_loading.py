@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bluelm_quant.placement as placement
-from bluelm_quant import ops
+from bluelm_quant import int8_ops
 from bluelm_quant.loading import LoadPlan, Placement, load_quantized, oom_message
 from bluelm_quant.modeldir import ModelDir
 from bluelm_quant.saving import save_quantized
@@ -138,7 +138,7 @@ def test_int8_linear_chunks_give_the_same_product(monkeypatch):
     x = torch.randn(2, 3, 64)
     whole = x @ layer.dequantize().T
     monkeypatch.setattr(Int8Linear, "CHUNK_ROWS", 16)  # 4 chunks, the last one partial
-    monkeypatch.setattr(ops, "CPU_INT8_DEQUANT_MIN_M", 0)  # the chunked path, not the int8 kernel
+    monkeypatch.setattr(int8_ops, "CPU_INT8_DEQUANT_MIN_M", 0)  # the chunked path, not the int8 kernel
     torch.testing.assert_close(layer(x), whole, rtol=1e-5, atol=1e-5)
 
 

@@ -115,9 +115,9 @@ def test_the_weight_stays_frozen_and_no_full_copy_is_saved():
 
 
 def test_the_compiled_dequantize_is_checked_once_per_configuration(monkeypatch):
-    from bluelm_quant import kernel_check, ops
+    from bluelm_quant import extension, kernel_check, ops
 
-    if ops._ext is None:
+    if extension.quant_cuda() is None:
         pytest.skip("no compiled extension")
     calls = []
     real = ops._dequantize_self_check

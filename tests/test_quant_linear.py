@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bluelm_quant import ops
+from bluelm_quant import extension, ops
 from bluelm_quant.config import QuantConfig
 from bluelm_quant.nn import QuantLinear, replace_linear
 from bluelm_quant.quantizer import rtn
@@ -92,7 +92,7 @@ def test_act_order_keeps_one_copy_and_saves_the_standard_layout():
 
     qw, q = _act_order_layer()
     standard = pack_qweight(qw.codes.T, 4)
-    if ops._ext is not None:  # the kernel layout: rows regrouped in place of the checkpoint's order
+    if extension.quant_cuda() is not None:  # the kernel layout: rows regrouped in place of the checkpoint's order
         assert q.kernel_perm is not None and not torch.equal(q.qweight, standard)
     assert sorted(n for n, _ in q.named_buffers()) == sorted(
         ["qweight", "qzeros", "scales", "g_idx", "bias"] + (["kernel_perm"] if q.kernel_perm is not None else []))

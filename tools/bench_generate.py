@@ -96,7 +96,7 @@ def read_seconds(tensors, threads: int) -> float:
 
     from bluelm_quant import ops
 
-    before = ops._kernel_threads
+    before = ops.kernel_threads_setting()
     ops.set_kernel_threads(threads)
     try:
         t0 = time.perf_counter()

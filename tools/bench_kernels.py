@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from bench_kernels_cpu import bench_cpu  # beside this script (tools/ is on sys.path when it runs)
-from bluelm_quant import ops
+from bluelm_quant import extension, ops
 
 SHAPES = "4096x4096,4096x11008,11008x4096,4096x12288"  # K x N: q/k/v/o, gate/up, down, fused qkv
 CUDA_M = "1,2,4,8,16,32,64,128,512,2048"
@@ -246,7 +246,8 @@ def main(argv=None) -> int:
         unknown = [i for i in args.isa if i not in ops.CPU_ISAS]
         if unknown:
             p.error(f"--isa {','.join(unknown)}: unknown CPU body; use {', '.join(ops.CPU_ISAS)}")
-        args.isa = runnable_bodies(args.isa, ops._ext.cpu_isa_detected if ops._ext is not None else "scalar")
+        ext = extension.quant_cuda()
+        args.isa = runnable_bodies(args.isa, ext.cpu_isa_detected if ext is not None else "scalar")
         result = bench_cpu(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from bluelm_quant import ops
+from bluelm_quant import int8_ops, ops
 from bluelm_quant.placement import Int8Linear
 
 ROTATE_BYTES = 400 << 20  # > the 300 MB L3 of the dev machine's Xeon
@@ -169,12 +169,12 @@ def bench_4bit(args, threads: int, notes: set) -> list:
 
 def chunked_forward(head: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     """Int8Linear's dequantize + matmul path (all it had before the kernel; still its large-M path)."""
-    old = ops.CPU_INT8_DEQUANT_MIN_M
-    ops.CPU_INT8_DEQUANT_MIN_M = 0
+    old = int8_ops.CPU_INT8_DEQUANT_MIN_M
+    int8_ops.CPU_INT8_DEQUANT_MIN_M = 0
     try:
         return head(x)
     finally:
-        ops.CPU_INT8_DEQUANT_MIN_M = old
+        int8_ops.CPU_INT8_DEQUANT_MIN_M = old
 
 
 def bench_int8(args, threads: int) -> list:

@@ -4,7 +4,7 @@
 For each bit width and group size it quantizes the model with round-to-nearest and with
 each named GPTQ variant (VARIANTS: act-order kind, clip search, damping, calibration mix
 and size), and reports perplexity in English and Chinese on the evaluation domains
-(bluelm_quant.data.EVAL_SETS):
+(bluelm_quant.eval_data.EVAL_SETS):
 
   in   held-out chapters of the Debian Reference, the document the default
        calibration text is cut from;
@@ -40,7 +40,8 @@ import time
 import torch
 
 from bluelm_quant.config import QuantConfig
-from bluelm_quant.data import CALIB_MIXES, DOMAINS, LANGS, calibration_mix, check_eval_overlap, eval_windows
+from bluelm_quant.data import CALIB_MIXES, LANGS, calibration_mix
+from bluelm_quant.eval_data import DOMAINS, check_eval_overlap, eval_windows
 from bluelm_quant.evaluate import window_nll
 from bluelm_quant.hf import load_model_and_tokenizer
 from bluelm_quant.modeldir import ModelDir

@@ -93,7 +93,8 @@ def _read_text(path: str) -> str:
 def eval_command(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import LANGS, heldout_text
+    from ..data import LANGS
+    from ..eval_data import heldout_text
     from ..evaluate import perplexity
 
     configure_logging()

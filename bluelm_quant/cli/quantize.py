@@ -180,7 +180,8 @@ def _evaluate(args, base_rss: int | None) -> None:
     import torch
 
     from ..auto import register_auto_classes
-    from ..data import LANGS, heldout_text
+    from ..data import LANGS
+    from ..eval_data import heldout_text
     from ..hf import load_model_and_tokenizer
     from ..layerwise import layerwise_perplexity
     from ..modeldir import ModelDir
