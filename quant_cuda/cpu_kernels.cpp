@@ -31,7 +31,7 @@ namespace {
 std::atomic<int> g_threads{0};
 
 int threads() {
-  static const int cpus = usable_cpus();  // a syscall: once (bluelm_quant.ops also reads it once)
+  static const int cpus = usable_cpus();  // a syscall: once (bluelm_quant.cpu_settings also reads it once)
   const int n = g_threads.load(std::memory_order_relaxed);
   return n > 0 ? std::min(n, cpus) : cpus;
 }

@@ -3,7 +3,7 @@ exactly what the unfused one does, eager and compiled, and refuses to be saved."
 import pytest
 import torch
 
-from bluelm_quant import ops
+from bluelm_quant import extension
 from bluelm_quant.config import QuantConfig
 from bluelm_quant.fuse import FusedMember, _fusable, fuse_layers, fuse_projections
 from bluelm_quant.generate import Generator, decode_threads, fast_generate_config
@@ -14,7 +14,7 @@ from bluelm_quant.saving import save_quantized
 
 from tiny_models import tiny_llama, tokens
 
-pytestmark = [pytest.mark.skipif(ops._ext is None, reason="needs the compiled quant_cuda extension"),
+pytestmark = [pytest.mark.skipif(extension.quant_cuda() is None, reason="needs the compiled quant_cuda extension"),
               pytest.mark.usefixtures("one_thread")]
 
 
