@@ -6,18 +6,12 @@ are tokenized without special tokens and joined with the tokenizer's EOS between
 records; windows of `seqlen` tokens are then cut at seeded random offsets of that
 stream, as GPTQ does with C4. No BOS is inserted, so every window is real text.
 
-Record formats (`Source.fields`, auto-detected from the first record when None):
-
-    "text"             {"text": ...}
-    "belle"            {"instruction": ..., "input": ... (optional), "output": ...}
-    "prompt_response"  {"prompt": ..., "response": ...}
-    "bluelm_sft"       {"inputs": "[|Human|]:...[|AI|]:", "targets": ...}
-                       (BlueLM's fine-tuning demo data: already in chat format)
-
-or `Source.template`, a `str.format` template over the record such as
-"{instruction}\\n{output}". `Source.chat` formats prompt/response records as a chat:
-"bluelm" ([|Human|]:{q}[|AI|]:{a}</s>), "template" (the tokenizer's chat template),
-or a callable (prompt, response) -> str.
+`Source` says how to read a file of records: `fields` (its format, auto-detected from the
+first record when None: "text", "belle", "prompt_response", "bluelm_sft"), `template` (a
+`str.format` template over the record such as "{instruction}\\n{output}") or `chat` (its
+prompt/response pairs formatted as a chat: "bluelm", "template" or a callable). The record
+reader itself (formats, fields, chat formatting) is records.py, which the fine-tuning reader
+(sft_data.py) shares; CalibrationDataError, the error of both modules, lives there.
 
 Bundled texts (texts/SOURCES.md): `calibration_mix(name)` is a named mix of calibration
 sources; `bundled_file` and `check_lang` find the bundled files for this module and for
@@ -26,17 +20,15 @@ calibration side. `calibration_windows` warns when two sources share text (bluel
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
-from .models.bluelm import chat_format
+from .records import PRESETS, CalibrationDataError, ChatFormat, read_text, record_documents
 
 logger = logging.getLogger(__name__)
 
@@ -56,32 +48,6 @@ CALIB_MIXES = {
     "diverse": ("reference", "faq", "maintguide", "chat"),
     "chat": ("chat",),
 }
-
-
-class CalibrationDataError(ValueError):
-    """A calibration source cannot be turned into token windows."""
-
-
-@dataclass(frozen=True)
-class _Preset:
-    prompt: tuple[str, ...]  # joined with "\n"; empty values skipped
-    response: str
-    optional: tuple[str, ...] = ()
-    joiner: str = "\n"  # between prompt and response in plain (non-chat) text
-    chat_ok: bool = True
-
-
-PRESETS = {
-    "text": _Preset((), "text", chat_ok=False),
-    "belle": _Preset(("instruction", "input"), "output", optional=("input",)),
-    "prompt_response": _Preset(("prompt",), "response"),
-    # The prompt already carries the [|Human|]: / [|AI|]: markers.
-    "bluelm_sft": _Preset(("inputs",), "targets", joiner="", chat_ok=False),
-}
-# Auto-detection order: the first preset whose required fields the first record has.
-_DETECT_ORDER = ("bluelm_sft", "belle", "prompt_response", "text")
-
-ChatFormat = Union[None, str, Callable[[str, str], str]]
 
 
 @dataclass(frozen=True)
@@ -175,7 +141,7 @@ def load_documents(source: Union[Source, str, os.PathLike], tokenizer=None) -> l
     if ext == ".txt":
         if src.fields or src.template or src.chat:
             raise CalibrationDataError(f"{path}: fields/template/chat apply to .json/.jsonl only")
-        text = _read_text(path)
+        text = read_text(path)
         if not text.strip():
             raise CalibrationDataError(f"{path} is empty")
         return [text]
@@ -183,14 +149,7 @@ def load_documents(source: Union[Source, str, os.PathLike], tokenizer=None) -> l
         raise CalibrationDataError(
             f"{path}: unknown extension {ext!r}; use .txt (plain text), .jsonl or .json (records)"
         )
-    records = list(read_records(path))
-    if not records:
-        raise CalibrationDataError(f"{path} holds no records")
-    fmt = _record_formatter(src, path, records[0][1], tokenizer)
-    docs = [fmt(rec, where) for where, rec in records]
-    if not any(d.strip() for d in docs):
-        raise CalibrationDataError(f"{path}: every record formats to empty text")
-    return docs
+    return record_documents(path, tokenizer, src.fields, src.template, src.chat)
 
 
 def _check_readable(path: Path) -> None:
@@ -202,129 +161,6 @@ def _check_readable(path: Path) -> None:
         raise CalibrationDataError(f"calibration source {path} does not exist")
     if not path.is_file():
         raise CalibrationDataError(f"calibration source {path} is not a regular file")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CalibrationDataError(
-            f"calibration source {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-            "give .txt / .jsonl / .json files saved as UTF-8"
-        ) from None
-    except OSError as e:
-        raise CalibrationDataError(f"cannot read calibration source {path}: {e.strerror or e}") from None
-
-
-def read_records(path: Path) -> Iterable[tuple[str, dict]]:
-    """Yields (location, record); location is "file:line" for error messages."""
-    text = _read_text(path)
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CalibrationDataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
-        for i, rec in enumerate(data):
-            yield from _checked_record(f"{path} record {i}", rec)
-        return
-    # JSON lines (BlueLM's demo data is JSON lines even when named .json).
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CalibrationDataError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
-        yield from _checked_record(f"{path}:{lineno}", rec)
-
-
-def _checked_record(where: str, rec) -> Iterable[tuple[str, dict]]:
-    if not isinstance(rec, dict):
-        raise CalibrationDataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    yield where, rec
-
-
-def _field(rec: dict, name: str, where: str, optional: bool = False) -> str:
-    if name not in rec or rec[name] is None:
-        if optional:
-            return ""
-        raise CalibrationDataError(
-            f"{where}: record has no field {name!r} (its fields: {sorted(rec)})"
-        )
-    value = rec[name]
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
-def _record_formatter(src: Source, path: Path, first: dict, tokenizer):
-    if src.template is not None:
-        names = [f for _, f, _, _ in string.Formatter().parse(src.template) if f]
-        if not names:
-            raise CalibrationDataError(f"{path}: template {src.template!r} names no field")
-
-        def fmt_template(rec, where):
-            return src.template.format_map({n: _field(rec, n, where) for n in names})
-        return fmt_template
-
-    name = detect_fields(path, first, src.fields)
-    preset = PRESETS[name]
-    if src.chat is not None and not preset.chat_ok:
-        raise CalibrationDataError(
-            f"{path}: fields={name!r} records are not prompt/response pairs to format as a chat"
-        )
-    chat = _chat_formatter(src.chat, tokenizer, path)
-
-    def fmt_preset(rec, where):
-        prompt, response = record_pair(rec, name, where)
-        if chat is not None:
-            return chat(prompt, response)
-        return preset.joiner.join(p for p in (prompt, response) if p)
-    return fmt_preset
-
-
-def detect_fields(path, first: dict, fields: str | None = None) -> str:
-    """The record format (a PRESETS name) of a file whose first record is `first`; `fields` when given.
-
-    Shared with the fine-tuning reader (sft_data.py)."""
-    name = fields or next(
-        (n for n in _DETECT_ORDER
-         if all(f in first for f in PRESETS[n].prompt + (PRESETS[n].response,)
-                if f not in PRESETS[n].optional)),
-        None,
-    )
-    if name is None:
-        raise CalibrationDataError(
-            f"{path}: cannot tell the record format from the first record's fields "
-            f"{sorted(first)}; pass Source(path, fields=one of {sorted(PRESETS)}) "
-            "or Source(path, template='{a}\\n{b}')"
-        )
-    return name
-
-
-def record_pair(rec: dict, fields: str, where: str) -> tuple[str, str]:
-    """(prompt, response) of one record in format `fields` (the prompt fields joined by newlines)."""
-    preset = PRESETS[fields]
-    prompt = "\n".join(
-        v for v in (_field(rec, f, where, f in preset.optional) for f in preset.prompt) if v
-    )
-    return prompt, _field(rec, preset.response, where)
-
-
-def _chat_formatter(chat: ChatFormat, tokenizer, path: Path):
-    if chat is None or callable(chat):
-        return chat
-    if chat == "bluelm":
-        return chat_format.turn  # BOS is the tokenizer's job
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise CalibrationDataError(
-            f"{path}: chat='template' needs a tokenizer with a chat_template; "
-            "use chat='bluelm' for BlueLM tokenizers"
-        )
-
-    def fmt(prompt, response):
-        messages = [{"role": "user", "content": prompt},
-                    {"role": "assistant", "content": response}]
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    return fmt
 
 
 # ---------------------------------------------------------------- token windows

@@ -1,7 +1,7 @@
 """Instruction data for fine-tuning: records -> token ids with the loss on the response only.
 
-Files are read with the calibration readers (data.py): JSON lines, or a .json list, of
-BELLE records {instruction, input, output}, {prompt, response}, or BlueLM's own
+Files are read with the record reader (records.py), which calibration shares: JSON lines, or a
+.json list, of BELLE records {instruction, input, output}, {prompt, response}, or BlueLM's own
 {inputs: "[|Human|]:...[|AI|]:", targets}, detected from the first record; or any two
 columns named with prompt_column / response_column (BlueLM's LoRA script's flags; a
 comma-separated prompt_column joins several columns with newlines, "instruction,input").
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .data import CalibrationDataError, detect_fields, read_records, record_pair
+from .records import CalibrationDataError, detect_fields, read_records, record_pair
 from .models.bluelm import chat_format
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bluelm_quant import data, eval_data
-from bluelm_quant.data import CalibrationDataError, Source, calibration_windows, token_stream
+from bluelm_quant.data import Source, calibration_windows, token_stream
+from bluelm_quant.records import CalibrationDataError
 
 from tiny_models import byte_tokenizer
 

@@ -28,7 +28,6 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "bad input or environment", as opposed to a bug."""
     from ..chat import ChatError
     from ..config import QuantConfigError
-    from ..data import CalibrationDataError
     from ..evaluate import EvaluationError
     from ..finetune import FinetuneError
     from ..gptq import GPTQError
@@ -39,6 +38,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from ..models.bluelm import BlueLMConfigError, BlueLMTokenizerError
     from ..outputs import OutputError
     from ..placement import DeviceError, DeviceMemoryError
+    from ..records import CalibrationDataError
     from ..sft_data import FinetuneDataError
     from ..shards import CheckpointError
     from ..smollm2 import SmolLM2Error

@@ -80,7 +80,7 @@ def _load(model_dir: str, device: str, dtype, trust_remote_code: bool, lm_head_b
 
 
 def _read_text(path: str) -> str:
-    from ..data import CalibrationDataError
+    from ..records import CalibrationDataError
 
     try:
         return Path(path).read_text(encoding="utf-8")
