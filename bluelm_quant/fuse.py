@@ -23,11 +23,20 @@ no longer has the checkpoint's names (saving says so instead of writing a wrong 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from .models import UnsupportedModelError, spec_for
 from .nn import QuantLinear
+
+
+class _Product(NamedTuple):
+    x: torch.Tensor  # the input it was computed from
+    version: int  # x's version counter then (0 where there is none)
+    y: torch.Tensor  # the fused layer's output
+    served: frozenset  # the members that have taken their columns
 
 
 class FusedProjections:
@@ -37,18 +46,18 @@ class FusedProjections:
     def __init__(self, layer: QuantLinear, widths: list[int]):
         self.layer = layer
         self.bounds = [(sum(widths[:i]), sum(widths[: i + 1])) for i in range(len(widths))]
-        self.memo: tuple | None = None  # (input, its version, fused output, members served)
+        self.memo: _Product | None = None
 
     def columns(self, x: torch.Tensor, index: int) -> torch.Tensor:
         # Version counters: not under dynamo (the step owns x), not on inference-mode tensors.
         version = 0 if torch.compiler.is_compiling() or x.is_inference() else x._version
         memo = self.memo
-        if memo is None or memo[0] is not x or memo[1] != version or index in memo[3]:
-            memo = (x, version, self.layer(x), frozenset())
-        served = memo[3] | {index}
-        self.memo = None if len(served) == len(self.bounds) else (memo[0], memo[1], memo[2], served)
+        if memo is None or memo.x is not x or memo.version != version or index in memo.served:
+            memo = _Product(x, version, self.layer(x), frozenset())
+        memo = memo._replace(served=memo.served | {index})
+        self.memo = None if len(memo.served) == len(self.bounds) else memo
         start, stop = self.bounds[index]
-        return memo[2][..., start:stop]
+        return memo.y[..., start:stop]
 
 
 class FusedMember(nn.Module):
@@ -59,7 +68,7 @@ class FusedMember(nn.Module):
         self.in_features, self.out_features, self.index = in_features, out_features, index
         if index == 0:
             self.fused = group.layer
-        object.__setattr__(self, "group", group)  # a plain reference: not a submodule
+        self.group = group  # a plain object, not a Module: not registered as a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.columns(x, self.index)
@@ -75,21 +84,18 @@ class FusedMember(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, columns [{start}, {stop}) of the fused layer"
 
 
+def _layout(m: QuantLinear) -> tuple:
+    return (m.in_features, m.bits, m.group_size, m.kernel_group_size, m.scales.dtype, m.qweight.device, m.bias is None)
+
+
 def _fusable(layers: list[nn.Module]) -> bool:
     """Whether the layers can be concatenated along the output: QuantLinears in the kernel layout
-    with the same input, grid, act-order permutation, dtypes and device."""
+    with the same input, grid, g_idx (so the same act-order permutation: ops.prepare derives it
+    from g_idx alone), dtypes and device."""
     first = layers[0]
     if not all(isinstance(m, QuantLinear) and m.kernel_group_size is not None for m in layers):
         return False
-    same = lambda f: all(f(m) == f(first) for m in layers)  # noqa: E731
-    if not (same(lambda m: (m.in_features, m.bits, m.group_size, m.kernel_group_size, m.scales.dtype,
-                             m.qweight.device, m.bias is None))):
-        return False
-    return all(torch.equal(m.g_idx, first.g_idx) for m in layers) and (
-        first.kernel_perm is None
-        if any(m.kernel_perm is None for m in layers)
-        else all(torch.equal(m.kernel_perm, first.kernel_perm) for m in layers)
-    )
+    return all(_layout(m) == _layout(first) and torch.equal(m.g_idx, first.g_idx) for m in layers)
 
 
 @torch.no_grad()
@@ -112,8 +118,17 @@ def fuse_projections(model: nn.Module) -> int:
     """Fuse, in place, every group of a decoder layer's quantized Linears that read the same input
     (the model spec's `sequential` groups: q/k/v and gate/up for LLaMA-like models). Returns the
     number of groups fused; a group whose members differ (grid, act-order permutation, dtype) is
-    left as it is, and so is a model of a family with no spec. Inference only (see the module
-    docstring)."""
+    left as it is, and so is a model of a family with no spec.
+
+    Inference only (see the module docstring): the fused model cannot be saved, and LoRA refuses
+    it (bluelm_quant.lora). One limit of the memo: under torch.inference_mode tensors carry no
+    version counter, so code that changed a projection's input in place between the q_proj and
+    k_proj calls would get k's columns of the input as it was (transformers' attention never does).
+    """
+    if hasattr(model, "get_base_model"):  # a PeftModel: its LoRA layers wrap the separate Linears
+        raise ValueError("fuse_projections: this is a PEFT model, whose LoRA layers need the separate q/k/v and "
+                         "gate/up Linears; fuse the base model without an adapter, or merge the adapter first "
+                         "(tools/merge_adapter.py)")
     try:
         spec = spec_for(model.config)
     except UnsupportedModelError:

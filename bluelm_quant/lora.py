@@ -115,8 +115,20 @@ def resolve_targets(model: nn.Module, config) -> None:
         raise LoRAError(f"target modules {missing} match no Linear layer; the model's Linear layers are: {_short_list(linears)}")
 
 
+def refuse_fused(model: nn.Module) -> None:
+    """A LoRAError when the model's projections were fused for inference (fuse.py): an adapter on the
+    fused layer would be bypassed, and the separate Linears it would target are gone."""
+    from .fuse import FusedMember
+
+    fused = next((name for name, m in model.named_modules() if isinstance(m, FusedMember)), None)
+    if fused is not None:
+        raise LoRAError(f"{fused} is fused with its neighbours for inference (bluelm_quant.fuse_projections): "
+                        "LoRA needs the separate Linears; load the checkpoint again without fusing")
+
+
 def prepare_config(model: nn.Module, config):
     """register + resolve_targets + a rank check: the config ready for PEFT on this model."""
+    refuse_fused(model)
     register(config)
     ranks = {"r": config.r, **{f"rank_pattern[{k!r}]": v for k, v in (config.rank_pattern or {}).items()}}
     bad = {k: v for k, v in ranks.items() if not (isinstance(v, int) and v > 0)}
@@ -181,10 +193,12 @@ def check_adapter(model: nn.Module, adapter_dir: str) -> None:
 def load_adapter(model: nn.Module, adapter_dir: str, is_trainable: bool = False, adapter_name: str = "default"):
     """PeftModel.from_pretrained(model, adapter_dir) with our layers registered and the shapes checked first."""
     peft = require_peft()
+    refuse_fused(model)
     check_adapter(model, adapter_dir)
     config = register(peft.LoraConfig.from_pretrained(adapter_dir))
     return peft.PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable, config=config)
 
 
 __all__ = ["LoRAError", "PEFT_REQUIREMENT", "adapter_shapes", "check_adapter", "custom_modules", "get_peft_model",
-           "linear_names", "load_adapter", "prepare_config", "read_adapter_config", "register", "resolve_targets"]
+           "linear_names", "load_adapter", "prepare_config", "read_adapter_config", "refuse_fused", "register",
+           "resolve_targets"]

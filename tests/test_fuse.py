@@ -57,6 +57,8 @@ def test_layers_that_differ_are_not_fused():
     assert not _fusable([layer(32, k, gs), layer(32, k, 64, seed=1)])  # other group sizes
     assert not _fusable([layer(32, k, gs), layer(32, k, gs, seed=1, bias=True)])
     assert not _fusable([layer(32, k, gs), torch.nn.Linear(k, 32)])
+    assert not _fusable([layer(32, k, gs), layer(32, k, gs, seed=1).to(torch.bfloat16)])  # other dtypes
+    assert not _fusable([layer(32, k, gs), layer(32, 2 * k, gs, seed=1)])  # other inputs
 
 
 def test_fused_model_gives_the_unfused_logits_and_tokens(saved_tiny):
@@ -73,9 +75,13 @@ def test_fused_model_gives_the_unfused_logits_and_tokens(saved_tiny):
     ids = ids[:1]
     with torch.inference_mode():
         ref = plain.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    torch._dynamo.utils.counters.clear()
     gen = Generator(fused, max_len=24, compile=True)
     assert torch.equal(gen.generate(ids, 10).tokens, ref)
     assert torch.equal(gen.generate(ids, 10).tokens, ref)  # the compiled step again
+    # The memo is step-local to dynamo: one graph for all the steps, no recompile, no graph break.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
     assert torch.equal(Generator(fused, max_len=24).generate(ids, 10).tokens, ref)
     with decode_threads(), torch.inference_mode():  # model.generate, static cache, compiled (the chat --fast path)
         out = fused.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
@@ -83,21 +89,30 @@ def test_fused_model_gives_the_unfused_logits_and_tokens(saved_tiny):
     assert torch.equal(out, ref)
 
 
-def test_a_member_called_out_of_turn_still_gets_its_own_input_columns(saved_tiny):
+def test_the_fused_product_is_computed_once_per_input_and_members_out_of_turn_get_their_own(saved_tiny):
     plain = load_quantized(saved_tiny, dtype=torch.float32)
     fused = load_quantized(saved_tiny, dtype=torch.float32)
     fuse_projections(fused)
     a, b = plain.model.layers[1].self_attn, fused.model.layers[1].self_attn
-    x1, x2 = torch.randn(1, 3, 64), torch.randn(1, 3, 64)
+    runs = []
+    b.q_proj.group.layer.register_forward_hook(lambda *_: runs.append(1))
+    x, x1, x2 = torch.randn(1, 3, 64), torch.randn(1, 3, 64), torch.randn(1, 3, 64)
     with torch.no_grad():
+        assert [torch.equal(b.q_proj(x), a.q_proj(x)), torch.equal(b.k_proj(x), a.k_proj(x)),
+                torch.equal(b.v_proj(x), a.v_proj(x))] == [True] * 3
+        assert len(runs) == 1 and b.q_proj.group.memo is None  # once for the three; nothing kept after
+        assert torch.equal(b.k_proj(x), a.k_proj(x)) and torch.equal(b.k_proj(x), a.k_proj(x))
+        assert len(runs) == 3  # the same member twice: a second forward, computed again
         assert torch.equal(b.q_proj(x1), a.q_proj(x1))
         assert torch.equal(b.k_proj(x2), a.k_proj(x2))  # another input: recomputed
-        assert torch.equal(b.k_proj(x2), a.k_proj(x2))  # the same member twice: recomputed
         x2.mul_(2)  # changed in place: its version moved on
         assert torch.equal(b.v_proj(x2), a.v_proj(x2))
+        assert len(runs) == 6
 
 
-def test_full_precision_and_unknown_models_are_left_alone():
+def test_full_precision_unknown_and_already_fused_models_are_left_alone(saved_tiny):
+    fused = load_quantized(saved_tiny, dtype=torch.float32)
+    assert fuse_projections(fused) == 4 and fuse_projections(fused) == 0  # a second call finds nothing to fuse
     model = tiny_llama(seed=1)
     assert fuse_projections(model) == 0
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
@@ -113,3 +128,16 @@ def test_a_fused_model_refuses_to_be_saved(saved_tiny, tmp_path):
     with pytest.raises(RuntimeError, match="is fused with its neighbours"):
         save_quantized(fused, str(tmp_path / "out"), QuantConfig(bits=4, group_size=32, sym=False))
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_refuses_a_fused_model_and_fusing_refuses_a_peft_model(saved_tiny):
+    peft = pytest.importorskip("peft")
+    from bluelm_quant import lora
+
+    fused = load_quantized(saved_tiny, dtype=torch.float32)
+    fuse_projections(fused)
+    with pytest.raises(lora.LoRAError, match="q_proj is fused with its neighbours .* LoRA needs the separate Linears"):
+        lora.get_peft_model(fused, peft.LoraConfig(r=4, target_modules="all-linear"))
+    tuned = lora.get_peft_model(load_quantized(saved_tiny, dtype=torch.float32), peft.LoraConfig(r=4, target_modules="all-linear"))
+    with pytest.raises(ValueError, match="this is a PEFT model, whose LoRA layers need the separate"):
+        fuse_projections(tuned)

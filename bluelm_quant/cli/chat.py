@@ -72,13 +72,15 @@ def check_threads(threads: int | None) -> int | None:
 
 
 def load_chat_model(args: argparse.Namespace, device: str):
-    """(model, tokenizer) as the chat runs them: with the adapter when one is given, else with the
-    projections that share an input fused into one kernel call each (fuse.py; adapters need the
-    separate Linears, and a chat never saves the model)."""
+    """(model, tokenizer) as the chat runs them: with the adapter when one is given, else, on the CPU,
+    with the projections that share an input fused into one kernel call each (fuse.py; adapters need
+    the separate Linears, and a chat never saves the model). Not on CUDA: never measured there, and
+    a long prompt would dequantize the fused weight, twice a member's size, in one piece."""
     import torch
 
     from ..fuse import fuse_projections
     from ..hf import load_model_and_tokenizer
+    from ..placement import model_device
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, lm_head_bits=args.lm_head_bits,
                                                 dtype=getattr(torch, args.dtype) if args.dtype else None)
@@ -86,7 +88,8 @@ def load_chat_model(args: argparse.Namespace, device: str):
         from ..lora import load_adapter
 
         return load_adapter(model, args.adapter), tokenizer
-    fuse_projections(model)
+    if model_device(model).type == "cpu":
+        fuse_projections(model)
     return model, tokenizer
 
 
