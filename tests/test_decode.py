@@ -14,7 +14,7 @@ from bluelm_quant.nn import QuantLinear, replace_linear
 from bluelm_quant.placement import quantize_head_4bit
 from bluelm_quant.saving import save_quantized
 
-from tiny_models import tiny_llama, tokens
+from tiny_models import save_tiny_4bit, tiny_llama, tokens
 
 pytestmark = [pytest.mark.skipif(extension.quant_cuda() is None, reason="needs the compiled quant_cuda extension"),
               pytest.mark.usefixtures("one_thread")]
@@ -27,12 +27,7 @@ def quant_layer(k=256, n=96, bias=True, seed=0):
 
 @pytest.fixture
 def saved_tiny(tmp_path_factory):
-    model = tiny_llama(seed=4)
-    config = QuantConfig(bits=4, group_size=32, sym=False)
-    replace_linear(model, config, quantize=True)
-    path = str(tmp_path_factory.mktemp("decode") / "q")
-    save_quantized(model.requires_grad_(False), path, config)
-    return path
+    return save_tiny_4bit(str(tmp_path_factory.mktemp("decode") / "q"), seed=4)
 
 
 # --- QuantLinear's planned kernel call ------------------------------------------------------------

@@ -8,11 +8,11 @@ from bluelm_quant.config import QuantConfig
 from bluelm_quant.fuse import FusedMember, _fusable, fuse_layers, fuse_projections
 from bluelm_quant.generate import Generator, decode_threads, fast_generate_config
 from bluelm_quant.loading import load_quantized
-from bluelm_quant.nn import QuantLinear, replace_linear
+from bluelm_quant.nn import QuantLinear
 from bluelm_quant.quantizer import rtn
 from bluelm_quant.saving import save_quantized
 
-from tiny_models import tiny_llama, tokens
+from tiny_models import save_tiny_4bit, tiny_llama, tokens
 
 pytestmark = [pytest.mark.skipif(extension.quant_cuda() is None, reason="needs the compiled quant_cuda extension"),
               pytest.mark.usefixtures("one_thread")]
@@ -20,12 +20,7 @@ pytestmark = [pytest.mark.skipif(extension.quant_cuda() is None, reason="needs t
 
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory):
-    model = tiny_llama(seed=5)
-    config = QuantConfig(bits=4, group_size=32, sym=False)
-    replace_linear(model, config, quantize=True)
-    path = str(tmp_path_factory.mktemp("fuse") / "q")
-    save_quantized(model.requires_grad_(False), path, config)
-    return path
+    return save_tiny_4bit(str(tmp_path_factory.mktemp("fuse") / "q"), seed=5)
 
 
 def layer(n, k=128, gs=32, g_idx=None, seed=0, bias=False):

@@ -49,3 +49,16 @@ def save_tiny_llama_dir(path: str, **overrides) -> str:
     tiny_llama(**overrides).save_pretrained(path, max_shard_size="100KB")
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+def save_tiny_4bit(path: str, seed: int, group_size: int = 32, sym: bool = False) -> str:
+    """A tiny_llama(seed) quantized with round-to-nearest (4 bits) and saved as a checkpoint at `path`."""
+    from bluelm_quant.config import QuantConfig
+    from bluelm_quant.nn import replace_linear
+    from bluelm_quant.saving import save_quantized
+
+    model = tiny_llama(seed=seed)
+    config = QuantConfig(bits=4, group_size=group_size, sym=sym)
+    replace_linear(model, config, quantize=True)
+    save_quantized(model.requires_grad_(False), path, config)
+    return path
