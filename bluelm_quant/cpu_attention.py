@@ -7,6 +7,13 @@ arithmetic is a few microseconds. With one query position the plain formulation 
 matrix products and a softmax, which torch.compile fuses; grouped-query heads are folded into
 the matrix products instead of copying the keys and values per head (repeat_kv).
 
+In fp32 (what the CPU runs) with the compiled extension, the single position goes to its op
+`bluelm_quant::decode_attention` (quant_cuda/cpu_attention.cpp): the dot products, softmax and
+weighted sum of the values in one call, skipping masked positions (a static cache's unfilled
+slots), where the two matmuls cost ~20 us each in BLAS dispatch. Measured side by side, compiled
+SmolLM2 decode on 2 threads (fused projections, lm_head 8-bit, 160-position cache, 7 rounds):
+67.0 tok/s with the matmuls, 71.3 with the op, the same tokens. Other dtypes keep the matmuls.
+
 Registered with transformers as ATTENTION ("bluelm_cpu"): one query position takes the path
 below, anything else (prefill, dropout, soft-capping, position bias) transformers' SDPA path,
 with SDPA's masks for both. `use(model)` switches a loaded model to it.
@@ -18,7 +25,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import ops  # noqa: F401  (the extension loaded and its ops' shapes registered for torch.compile)
+from .extension import quant_cuda
+
 ATTENTION = "bluelm_cpu"
+# The extension's op (quant_cuda/cpu_attention.cpp), or None: no extension, or one built before it.
+_DECODE_ATTENTION = getattr(torch.ops.bluelm_quant, "decode_attention", None) if quant_cuda() is not None else None
 
 
 def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, dropout: float = 0.0,
@@ -30,6 +42,9 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     b, heads, _, d = query.shape
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else d**-0.5
+    if _kernel_applies(query, key, value, attention_mask):
+        mask = None if attention_mask is None else attention_mask.reshape(attention_mask.shape[0], -1).expand(b, -1)
+        return _DECODE_ATTENTION(query.reshape(b, heads, d), key, value, mask, scale).reshape(b, 1, heads, d), None
     q = query.reshape(b, kv_heads, heads // kv_heads, d)  # the query heads that share a key/value head, as rows
     scores = torch.matmul(q, key.transpose(2, 3)) * scale  # [b, kv_heads, group, kv]
     if attention_mask is not None:  # SDPA's mask: bool (True = attend) or additive, [b or 1, 1, 1, kv]
@@ -40,6 +55,18 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     out = torch.matmul(probs, value)  # [b, kv_heads, group, d]
     return out.reshape(b, 1, heads, d), None
+
+
+def _kernel_applies(query, key, value, mask) -> bool:
+    """Whether the extension's decode_attention op takes this call: fp32 on the CPU, a mask that is
+    one row of positions per batch entry (SDPA's [b or 1, 1, 1, kv], bool or float32) or none."""
+    return (
+        _DECODE_ATTENTION is not None
+        and query.device.type == "cpu"
+        and query.dtype == key.dtype == value.dtype == torch.float32
+        and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
+                              and mask.dtype in (torch.bool, torch.float32)))
+    )
 
 
 AttentionInterface.register(ATTENTION, attention)

@@ -97,6 +97,11 @@ if extension.quant_cuda() is not None:
     def _dequantize_4bit_fake(qweight, qzeros, scales, group_size, dtype=None):
         return scales.new_empty((qweight.shape[0] * 8, qweight.shape[1]), dtype=dtype or scales.dtype)
 
+    if hasattr(torch.ops.bluelm_quant, "decode_attention"):  # an extension built before it lacks the op
+        @torch.library.register_fake("bluelm_quant::decode_attention")
+        def _decode_attention_fake(q, k, v, mask, scale):
+            return q.new_empty(q.shape)
+
     @torch.library.register_fake("bluelm_quant::gemm_int8")
     def _gemm_int8_fake(x, weight, scale, bias):
         torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {tuple(x.shape)}")

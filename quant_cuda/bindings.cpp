@@ -291,6 +291,39 @@ Tensor permute_rows_4bit(const Tensor& qweight, const Tensor& order) {
   return out;
 }
 
+// Single-position decode attention (kernels.h decode_attention_cpu), fp32 on the CPU.
+Tensor decode_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const std::optional<Tensor>& mask_in,
+                        double scale) {
+  const char* op = "bluelm_quant::decode_attention";
+  TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 4 && v_in.dim() == 4, op,
+              ": q must be [B, H, D] and k, v [B, KVH, T, D], got q ", q_in.sizes(), ", k ", k_in.sizes(), ", v ",
+              v_in.sizes());
+  const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(2), KVH = k_in.size(1), T = k_in.size(2);
+  TORCH_CHECK(k_in.sizes() == v_in.sizes() && k_in.size(0) == B && k_in.size(3) == D && KVH >= 1 && H % KVH == 0,
+              op, ": shapes do not fit: q ", q_in.sizes(), " (B, H, D), k ", k_in.sizes(), " and v ", v_in.sizes(),
+              " (B, KVH, T, D, with H a multiple of KVH)");
+  for (const Tensor* t : {&q_in, &k_in, &v_in})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, op, ": q, k and v must be float32 CPU tensors, got ",
+                t->scalar_type(), " on ", t->device());
+  Tensor keep, add;
+  if (mask_in) {
+    TORCH_CHECK(mask_in->device().is_cpu() && mask_in->dim() == 2 && mask_in->size(0) == B && mask_in->size(1) == T &&
+                    (mask_in->scalar_type() == at::kBool || mask_in->scalar_type() == at::kFloat),
+                op, ": mask must be a bool (true = attend) or float32 (added) CPU tensor [B, T] = [", B, ", ", T,
+                "], got ", mask_in->scalar_type(), " ", mask_in->sizes(), " on ", mask_in->device());
+    (mask_in->scalar_type() == at::kBool ? keep : add) = mask_in->contiguous();
+  }
+  const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  Tensor out = at::empty({B, H, D}, q.options());
+  if (B == 0 || H == 0 || D == 0) return out;
+  const int status = decode_attention_cpu(
+      q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+      keep.defined() ? reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>()) : nullptr,
+      add.defined() ? add.data_ptr<float>() : nullptr, out.data_ptr<float>(), B, H, KVH, T, D, float(scale));
+  TORCH_CHECK(status == kOk, op, ": ", status_message(status), " (q ", q.sizes(), ", k ", k.sizes(), ")");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bluelm_quant, m) {
@@ -307,6 +340,8 @@ TORCH_LIBRARY(bluelm_quant, m) {
   m.def("read_probe(Tensor x) -> int");
   // qweight [K/8, N] with code row i taken from code row order[i] (act-order repack). CPU only.
   m.def("permute_rows_4bit(Tensor qweight, Tensor order) -> Tensor");
+  // softmax(scale * q k^T + mask) v for one query position per head (cpu_attention.py).
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bluelm_quant, CPU, m) {
@@ -315,6 +350,7 @@ TORCH_LIBRARY_IMPL(bluelm_quant, CPU, m) {
   m.impl("gemm_int8", &gemm_int8);
   m.impl("read_probe", &read_probe);
   m.impl("permute_rows_4bit", &permute_rows_4bit);
+  m.impl("decode_attention", &decode_attention);
 }
 
 #ifdef QUANT_CUDA_WITH_CUDA

@@ -58,6 +58,13 @@ uint64_t read_probe_cpu(const void* p, int64_t bytes);
 // order[i] lies in [0, K) (a permutation is not checked: repeats give repeated rows).
 int permute_rows_4bit_cpu(const int32_t* qweight, int32_t* out, const int64_t* order, int64_t K, int64_t N);
 
+// Attention of one query position per head (a decode step), fp32, cpu_attention.cpp:
+// q [B, H, D], k and v [B, KVH, T, D] (query head h reads key/value head h / (H / KVH)),
+// out [B, H, D] = softmax(scale * q k^T + mask) v. Mask: keep [B, T] (0 = masked) and/or add
+// [B, T] (added to the scores), each may be null. A masked position's values are not read.
+int decode_attention_cpu(const float* q, const float* k, const float* v, const uint8_t* keep, const float* add,
+                         float* out, int64_t B, int64_t H, int64_t KVH, int64_t T, int64_t D, float scale);
+
 // ---- CUDA (built when the CUDA toolkit and a CUDA torch are present) ---------------
 // dtype: kFloat16 or kBFloat16. `stream` is a cudaStream_t passed as void*.
 int gemm_4bit_cuda(const void* x, const int32_t* qweight, const int32_t* qzeros,

@@ -322,6 +322,63 @@ def test_cpu_attention_matches_sdpa(cache):
     assert not cpu_attention.use(model)  # already switched: left alone
 
 
+def _attention_float64(q, k, v, mask, scale):
+    """softmax(scale * q k^T + mask) v in float64, key/value heads repeated for their query heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    s = torch.einsum("bhd,bhtd->bht", q.double(), k) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None], float("-inf")) if mask.dtype == torch.bool else s + mask[:, None].double()
+    return torch.einsum("bht,bhtd->bhd", torch.softmax(s, -1), v).float()
+
+
+@pytest.mark.parametrize("isa", ["best", "scalar"])
+@pytest.mark.parametrize("shape", [(1, 9, 3, 160, 64), (2, 4, 2, 37, 80), (1, 4, 4, 1, 128), (3, 8, 1, 300, 17)])
+def test_decode_attention_op_matches_float64(shape, isa):
+    """The extension's single-position attention (cpu_attention.cpp): GQA groups, widths that are
+    not multiples of 16, no mask, a bool mask and an additive one, both bodies."""
+    b, h, kvh, t, d = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    q, k, v = torch.randn(b, h, d, generator=gen), torch.randn(b, kvh, t, d, generator=gen), torch.randn(b, kvh, t, d, generator=gen)
+    keep = torch.rand(b, t, generator=gen) > 0.3
+    keep[:, 0] = True
+    before = ops.cpu_isa()
+    try:
+        ops.set_cpu_isa(isa)
+        for mask in (None, keep, torch.randn(b, t, generator=gen)):
+            got = torch.ops.bluelm_quant.decode_attention(q, k, v, mask, 0.125)
+            torch.testing.assert_close(got, _attention_float64(q, k, v, mask, 0.125), rtol=1e-5, atol=1e-5)
+        v[~keep[:, None].expand(b, kvh, t)] = float("nan")  # masked positions' values are never read
+        assert not torch.ops.bluelm_quant.decode_attention(q, k, v, keep, 0.125).isnan().any()
+        none = torch.zeros(b, t, dtype=torch.bool)  # every position masked: NaN, as SDPA gives
+        assert torch.ops.bluelm_quant.decode_attention(q, k, v, none, 0.125).isnan().all()
+    finally:
+        ops.set_cpu_isa(before)
+
+
+def test_decode_attention_op_bad_input():
+    op = torch.ops.bluelm_quant.decode_attention
+    q, k = torch.randn(1, 6, 16), torch.randn(1, 4, 10, 16)
+    with pytest.raises(RuntimeError, match=r"shapes do not fit: q \[1, 6, 16\].*with H a multiple of KVH"):
+        op(q, k, k, None, 1.0)
+    with pytest.raises(RuntimeError, match="q, k and v must be float32 CPU tensors, got BFloat16"):
+        op(q.bfloat16(), k[:, :3], k[:, :3], None, 1.0)
+    with pytest.raises(RuntimeError, match=r"mask must be a bool \(true = attend\) or float32 \(added\) CPU tensor \[B, T\] = \[1, 10\]"):
+        op(q, k[:, :3], k[:, :3], torch.ones(1, 9, dtype=torch.bool), 1.0)
+
+
+def test_cpu_attention_takes_the_op_for_fp32_and_matmuls_otherwise():
+    from bluelm_quant import cpu_attention
+
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 7, 16)
+    mask = torch.ones(1, 1, 1, 7, dtype=torch.bool)
+    assert cpu_attention._kernel_applies(q, k, k, mask) and cpu_attention._kernel_applies(q, k, k, None)
+    assert not cpu_attention._kernel_applies(q.bfloat16(), k.bfloat16(), k.bfloat16(), mask)  # the matmul path
+    assert not cpu_attention._kernel_applies(q, k, k, torch.ones(1, 4, 1, 7, dtype=torch.bool))  # a mask per head
+    bf16 = cpu_attention.attention(None, q.bfloat16(), k.bfloat16(), k.bfloat16(), mask)[0]
+    torch.testing.assert_close(bf16.float(), cpu_attention.attention(None, q, k, k, mask)[0], rtol=0.02, atol=0.02)
+
+
 def test_loaded_4bit_model_on_cpu_uses_cpu_attention(saved_tiny):
     from bluelm_quant import cpu_attention
 
