@@ -11,8 +11,10 @@ In fp32 (what the CPU runs) with the compiled extension, the single position goe
 `bluelm_quant::decode_attention` (quant_cuda/cpu_attention.cpp): the dot products, softmax and
 weighted sum of the values in one call, skipping masked positions (a static cache's unfilled
 slots), where the two matmuls cost ~20 us each in BLAS dispatch. Measured side by side, compiled
-SmolLM2 decode on 2 threads (fused projections, lm_head 8-bit, 160-position cache, 7 rounds):
-67.0 tok/s with the matmuls, 71.3 with the op, the same tokens. Other dtypes keep the matmuls.
+SmolLM2 decode on 2 threads, fused projections, lm_head 8-bit (`tools/bench_decode.py --variants
+loop-compiled --lm-head-bits 8 --attention bluelm_cpu,bluelm_cpu_matmul [--cache-len 1024]`), the
+same tokens: 72.1 -> 76.4 tok/s with a 160-position cache, 51.8 -> 73.2 with the 1024 positions
+bluelm-chat --fast allocates. Other dtypes keep the matmuls.
 
 Registered with transformers as ATTENTION ("bluelm_cpu"): one query position takes the path
 below, anything else (prefill, dropout, soft-capping, position bias) transformers' SDPA path,
@@ -29,6 +31,9 @@ from . import ops  # noqa: F401  (the extension loaded and its ops' shapes regis
 from .extension import quant_cuda
 
 ATTENTION = "bluelm_cpu"
+# The same without the extension's op (the two matmuls for every dtype): for side-by-side runs
+# (tools/bench_decode.py --attention bluelm_cpu,bluelm_cpu_matmul).
+MATMUL_ATTENTION = "bluelm_cpu_matmul"
 # The extension's op (quant_cuda/cpu_attention.cpp), or None: no extension, or one built before it.
 _DECODE_ATTENTION = getattr(torch.ops.bluelm_quant, "decode_attention", None) if quant_cuda() is not None else None
 
@@ -37,12 +42,22 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
               scaling: float | None = None, **kwargs):
     """transformers' attention signature: query [b, heads, q, d], key/value [b, kv_heads, kv, d];
     returns ([b, q, heads, d], None)."""
+    return _attend(module, query, key, value, attention_mask, dropout, scaling, True, **kwargs)
+
+
+def matmul_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                     dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """`attention` with the two matmuls where it would take the extension's op (MATMUL_ATTENTION)."""
+    return _attend(module, query, key, value, attention_mask, dropout, scaling, False, **kwargs)
+
+
+def _attend(module, query, key, value, attention_mask, dropout, scaling, use_op: bool, **kwargs):
     if query.shape[2] != 1 or dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     b, heads, _, d = query.shape
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else d**-0.5
-    if _kernel_applies(query, key, value, attention_mask):
+    if use_op and _kernel_applies(query, key, value, attention_mask):
         mask = None if attention_mask is None else attention_mask.reshape(attention_mask.shape[0], -1).expand(b, -1)
         return _DECODE_ATTENTION(query.reshape(b, heads, d), key, value, mask, scale).reshape(b, 1, heads, d), None
     q = query.reshape(b, kv_heads, heads // kv_heads, d)  # the query heads that share a key/value head, as rows
@@ -71,6 +86,8 @@ def _kernel_applies(query, key, value, mask) -> bool:
 
 AttentionInterface.register(ATTENTION, attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+AttentionInterface.register(MATMUL_ATTENTION, matmul_attention)
+AttentionMaskInterface.register(MATMUL_ATTENTION, sdpa_mask)
 
 
 def use(model) -> bool:
@@ -82,4 +99,4 @@ def use(model) -> bool:
     return True
 
 
-__all__ = ["ATTENTION", "attention", "use"]
+__all__ = ["ATTENTION", "MATMUL_ATTENTION", "attention", "matmul_attention", "use"]

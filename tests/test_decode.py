@@ -377,6 +377,9 @@ def test_cpu_attention_takes_the_op_for_fp32_and_matmuls_otherwise():
     assert not cpu_attention._kernel_applies(q, k, k, torch.ones(1, 4, 1, 7, dtype=torch.bool))  # a mask per head
     bf16 = cpu_attention.attention(None, q.bfloat16(), k.bfloat16(), k.bfloat16(), mask)[0]
     torch.testing.assert_close(bf16.float(), cpu_attention.attention(None, q, k, k, mask)[0], rtol=0.02, atol=0.02)
+    # MATMUL_ATTENTION (for side-by-side runs) computes the same with the matmuls.
+    torch.testing.assert_close(cpu_attention.matmul_attention(None, q, k, k, mask)[0],
+                               cpu_attention.attention(None, q, k, k, mask)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_loaded_4bit_model_on_cpu_uses_cpu_attention(saved_tiny):

@@ -65,7 +65,7 @@ def make_runner(name: str, model, args):
     from bluelm_quant.generate import Generator, decode_threads, fast_generate_config
 
     if name.startswith("loop"):
-        gen = Generator(model, max_len=args.prompt + args.new, compile=name == "loop-compiled", threads=args.threads)
+        gen = Generator(model, max_len=args.cache_len, compile=name == "loop-compiled", threads=args.threads)
 
         def run_loop(prompt):
             _set_plans(model, True)
@@ -76,9 +76,9 @@ def make_runner(name: str, model, args):
 
     kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
     if name == "generate-static":
-        kwargs.update(fast_generate_config(model))
+        kwargs.update(fast_generate_config(model, max_cache_len=args.cache_len))
     elif name == "generate-compiled":
-        kwargs.update(fast_generate_config(model, compile=True))
+        kwargs.update(fast_generate_config(model, compile=True, max_cache_len=args.cache_len))
 
     def timed(prompt):
         streamer = _FirstToken()
@@ -119,9 +119,12 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--new", type=int, default=128, help="generated tokens (default 128)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds after a warm-up round (default 3)")
+    p.add_argument("--cache-len", type=int, default=None,
+                   help="static KV cache positions (default prompt + new; bluelm-chat --fast allocates in steps of 1024)")
     p.add_argument("--lm-head-bits", default="16", help="comma list of 16, 8, 4 (default 16)")
     p.add_argument("--attention", default="loaded",
-                   help="comma list: 'loaded' (as load_quantized sets it), 'sdpa', 'bluelm_cpu' (cpu_attention.py)")
+                   help="comma list: 'loaded' (as load_quantized sets it), 'sdpa', 'bluelm_cpu' (cpu_attention.py), "
+                        "'bluelm_cpu_matmul' (the same with matmuls instead of the extension's attention op)")
     p.add_argument("--fuse", default="on", help="comma list: 'on' (q/k/v and gate/up as one kernel call each, "
                    "bluelm_quant.fuse, as the chat CLI runs it), 'off' (default on; 'before' is always off)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table for each variant")
@@ -136,6 +139,9 @@ def main(argv=None) -> int:
         heads = [0]
     if not heads or any(b not in (4, 8, 16) for b in heads):
         p.error(f"--lm-head-bits {args.lm_head_bits}: use a comma list of 16, 8 and 4")
+    args.cache_len = args.cache_len or args.prompt + args.new
+    if args.cache_len < args.prompt + args.new:
+        p.error(f"--cache-len {args.cache_len}: the prompt and new tokens need {args.prompt + args.new} positions")
     cpus = len(os.sched_getaffinity(0))
     if args.threads < 1 or args.threads > cpus:
         p.error(f"--threads {args.threads}: this process may run on {cpus} CPUs; use 1..{cpus}")
@@ -147,12 +153,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
-    if not attentions or any(a not in ("loaded", "sdpa", "bluelm_cpu") for a in attentions):
-        p.error(f"--attention {args.attention}: use a comma list of loaded, sdpa, bluelm_cpu")
+    choices = ("loaded", "sdpa", "bluelm_cpu", "bluelm_cpu_matmul")
+    if not attentions or any(a not in choices for a in attentions):
+        p.error(f"--attention {args.attention}: use a comma list of {', '.join(choices)}")
     fuses = [f.strip() for f in args.fuse.split(",") if f.strip()]
     if not fuses or any(f not in ("on", "off") for f in fuses):
         p.error(f"--fuse {args.fuse}: use a comma list of on, off")
-    from bluelm_quant import cpu_attention  # noqa: F401  (registers bluelm_cpu)
+    from bluelm_quant import cpu_attention  # noqa: F401  (registers bluelm_cpu and bluelm_cpu_matmul)
     from bluelm_quant.fuse import fuse_projections
 
     runners, reference = {}, {}
