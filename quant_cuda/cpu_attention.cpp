@@ -8,13 +8,13 @@
 // slots, padding) are skipped outright, so a long preallocated cache costs what its filled
 // part costs.
 //
-// Dispatch: an AVX-512 body (explicit vector code: dot products and the weighted sum of the
-// values, 16 lanes at a time) where the CPU body in use is AVX-512 or AMX (cpu_isa.cpp, so
-// forcing an ISA for testing covers it too), a scalar body elsewhere. The exponentials are
-// scalar expf calls in both, one per unmasked position.
+// Dispatch: an AVX-512 body (explicit vector code: dot products, exponentials and the weighted
+// sum of the values, 16 lanes at a time) where the CPU body in use is AVX-512 or AMX
+// (cpu_isa.cpp, so forcing an ISA for testing covers it too), a scalar body elsewhere (expf
+// per unmasked position). The scores live in the calling thread's scratch (thread_scratch):
+// no allocation per call.
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "cpu_kernels.h"
 #include "kernels.h"
@@ -140,7 +140,7 @@ QC_AVX512 void attend_head_avx512(const float* q, const float* k, const float* v
 int decode_attention_cpu(const float* q, const float* k, const float* v, const uint8_t* keep, const float* add,
                          float* out, int64_t B, int64_t H, int64_t KVH, int64_t T, int64_t D, float scale) {
   if (B < 1 || H < 1 || KVH < 1 || H % KVH != 0 || T < 1 || D < 1) return kBadShape;
-  std::vector<float> scores(static_cast<size_t>(T));
+  float* scores = cpu::scratch<float>(cpu::kSlotScores, T);
   const int64_t group = H / KVH;
 #if defined(__x86_64__) || defined(__i386__)
   const auto head = cpu::active_isa() >= cpu::kIsaAvx512 ? attend_head_avx512 : attend_head_scalar;
@@ -151,7 +151,7 @@ int decode_attention_cpu(const float* q, const float* k, const float* v, const u
     for (int64_t h = 0; h < H; ++h) {
       const int64_t kv = (b * KVH + h / group) * T * D;
       head(q + (b * H + h) * D, k + kv, v + kv, keep ? keep + b * T : nullptr, add ? add + b * T : nullptr,
-                  out + (b * H + h) * D, scores.data(), T, D, scale);
+           out + (b * H + h) * D, scores, T, D, scale);
     }
   }
   return kOk;
