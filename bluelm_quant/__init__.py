@@ -7,6 +7,7 @@ trust_remote_code. docs/ARCHITECTURE.md maps the modules.
 from .auto import register_auto_classes
 from .chat import chat
 from .config import QuantConfig, QuantConfigError
+from .cpu_decode import prepare_cpu_decode
 from .fuse import fuse_projections
 from .loading import load_quantized
 from .modeldir import ModelDir
@@ -18,6 +19,7 @@ register_auto_classes()
 
 __all__ = [
     "Calibration", "ModelDir", "QuantConfig", "QuantConfigError", "QuantLinear", "RunOptions", "chat",
-    "fuse_projections", "load_quantized", "quantize", "quantize_model", "register_auto_classes", "replace_linear", "save_quantized",
+    "fuse_projections", "load_quantized", "prepare_cpu_decode", "quantize", "quantize_model", "register_auto_classes",
+    "replace_linear", "save_quantized",
 ]
 __version__ = "0.1.0"

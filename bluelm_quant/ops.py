@@ -102,6 +102,17 @@ if extension.quant_cuda() is not None:
         def _decode_attention_fake(q, k, v, mask, scale):
             return q.new_empty(q.shape)
 
+    if hasattr(torch.ops.bluelm_quant, "decode_qkv"):  # likewise (cpu_decode.py)
+        @torch.library.register_fake("bluelm_quant::decode_qkv")
+        def _decode_qkv_fake(x, norm_weight, eps, qkv, group_size, cos, sin, heads, kv_heads):
+            b, d = x.shape[0], cos.shape[-1]
+            return x.new_empty((b, heads, d)), x.new_empty((b, kv_heads, d)), x.new_empty((b, kv_heads, d))
+
+        @torch.library.register_fake("bluelm_quant::decode_o_mlp")
+        def _decode_o_mlp_fake(x, attn, o, o_group_size, norm_weight, eps, gate_up, gate_up_group_size, down,
+                               down_group_size):
+            return x.new_empty(x.shape)
+
     @torch.library.register_fake("bluelm_quant::gemm_int8")
     def _gemm_int8_fake(x, weight, scale, bias):
         torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {tuple(x.shape)}")
@@ -265,13 +276,21 @@ def plan_gemm(x: torch.Tensor, layer: QLayer) -> GemmPlan | None:
 
 def plan_applies(plan: GemmPlan, x: torch.Tensor) -> bool:
     """Whether run_plan(plan, x) gives what gemm(x, layer) would (cheap: attribute compares and the CPU body)."""
+    return (
+        x.shape[-1] == plan.in_features
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and plan_ready(plan, x.device, x.dtype, x.numel() // max(1, plan.in_features))
+    )
+
+
+def plan_ready(plan: GemmPlan, device: torch.device, dtype: torch.dtype, rows: int) -> bool:
+    """Whether the plan's kernel call still stands for `rows` rows of activations of this device and
+    dtype, with no gradient (cpu_decode.py hands plans to its ops; plan_applies for one x)."""
     state = kernel_check.STATE
     return (
-        x.dtype == plan.dtype
-        and x.device == plan.device
-        and x.shape[-1] == plan.in_features
-        and x.numel() < plan.max_rows * plan.in_features
-        and not (x.requires_grad and torch.is_grad_enabled())
+        dtype == plan.dtype
+        and device == plan.device
+        and rows < plan.max_rows
         and plan.cpu_isa == (cpu_settings.cpu_isa() if plan.device.type == "cpu" else None)
         and plan.epoch == state.epoch
         and state.fault is None
@@ -355,6 +374,7 @@ __all__ = [
     "pack_multiple",
     "plan_applies",
     "plan_gemm",
+    "plan_ready",
     "prepare",
     "repack_rows",
     "run_plan",

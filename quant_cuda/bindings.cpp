@@ -1,4 +1,4 @@
-// Torch bindings of quant_cuda: the only file that includes torch. It registers the ops
+// Torch bindings of quant_cuda: with bindings_decode.cpp, the only files that include torch. It registers the ops
 // under the `bluelm_quant` namespace (TORCH_LIBRARY), checks every tensor at the
 // boundary with messages that name shapes, dtypes and devices, allocates the output,
 // and calls the torch-free kernels of kernels.h. Fake (meta) implementations for
@@ -24,6 +24,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include "bindings_common.h"
 #include "cpu_kernels.h"
 #include "kernels.h"
 
@@ -36,10 +37,11 @@ static const char* kBuiltArchs = QC_STR(QUANT_CUDA_ARCHS);
 static const char* kBuiltArchs = "";
 #endif
 
-namespace {
+// The checks and settings bindings_decode.cpp shares (bindings_common.h).
+namespace quant_cuda {
+namespace bindings {
 
 using at::Tensor;
-using namespace quant_cuda;
 
 int kernel_dtype(at::ScalarType t) {
   switch (t) {
@@ -62,10 +64,6 @@ const char* supported_dtypes(const at::Device& d) {
   return d.is_cuda() ? "float16 or bfloat16 (ops.gemm converts float32 to float16 on CUDA)"
                      : "float32 or bfloat16";
 }
-
-struct Layer {
-  int64_t K, N, G;
-};
 
 // qweight [K/8, N], qzeros [G, N/8], scales [G, N], G = ceil(K / group_size), one device.
 Layer check_layer(const char* op, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
@@ -118,6 +116,15 @@ void use_torch_threads() {
   const int own = g_kernel_threads.load(std::memory_order_relaxed);
   cpu::set_cpu_threads(own > 0 ? own : at::get_num_threads());
 }
+
+}  // namespace bindings
+}  // namespace quant_cuda
+
+namespace {
+
+using at::Tensor;
+using namespace quant_cuda;
+using namespace quant_cuda::bindings;
 
 #ifdef QUANT_CUDA_WITH_CUDA
 void* current_stream(const at::Device& d) {

@@ -34,6 +34,8 @@ CPU_SOURCES = (
     "cpu_int8_fp32.cpp",
     "cpu_repack.cpp",
     "cpu_attention.cpp",
+    "cpu_decode_layer.cpp",
+    "bindings_decode.cpp",
 )
 REQUIRED_CUDA_SOURCES = ("gemm_4bit.cu",)
 # Turing .. Hopper; CUDA 13 dropped sm_70/72 ("Unsupported gpu architecture 'compute_70'").

@@ -65,28 +65,6 @@ void attend_head_scalar(const float* q, const float* k, const float* v, const ui
 #if defined(__x86_64__) || defined(__i386__)
 using namespace cpu::avx512;
 
-// exp(x) for x <= 0 (a score minus the maximum), 16 lanes: Cephes' expf (range reduction by
-// ln 2 in two parts, a degree-6 polynomial, scaling by 2^n), within 2 ulp of expf; -inf and
-// anything below the smallest normal's logarithm give 0, NaN stays NaN.
-QC_AVX512 inline __m512 exp16(__m512 x) {
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512 y = _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
-  return _mm512_mask_mov_ps(y, nan, x);
-}
-
 // softmax_weights with 16 exponentials at a time (the sum in 16 lanes, then across them).
 QC_AVX512 float softmax_weights_avx512(float* scores, int64_t T, float best) {
   const __m512 m = _mm512_set1_ps(best);

@@ -1,6 +1,7 @@
-// Helpers shared by the AVX-512 bodies (cpu_kernels_avx512.cpp, cpu_int8_avx512.cpp); include
-// only from those files. Everything here carries the target attribute (see the file
-// comments there for why nothing is compiled with -mavx512*).
+// Helpers shared by the AVX-512 code (cpu_kernels_avx512.cpp, cpu_int8_avx512.cpp,
+// cpu_attention.cpp, cpu_decode_layer.cpp); include only from those files. Everything here
+// carries the target attribute (see the file comments there for why nothing is compiled with
+// -mavx512*).
 #pragma once
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -113,6 +114,27 @@ QC_AVX512 inline __m512 zeros16(const int32_t* p, __mmask16 mask) {
   return _mm512_cvtepi32_ps(_mm512_add_epi32(z, _mm512_set1_epi32(1)));
 }
 
+// exp(x) for x <= 0 (a softmax score minus the maximum; silu's -|x|), 16 lanes: Cephes' expf (range reduction by
+// ln 2 in two parts, a degree-6 polynomial, scaling by 2^n), within 2 ulp of expf; -inf and
+// anything below the smallest normal's logarithm give 0, NaN stays NaN.
+QC_AVX512 inline __m512 exp16(__m512 x) {
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 y = _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
+  return _mm512_mask_mov_ps(y, nan, x);
+}
 
 }  // namespace avx512
 }  // namespace cpu

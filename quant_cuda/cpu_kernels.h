@@ -118,8 +118,10 @@ void gemm_int8_rows_scalar(const Int8Args& a, int64_t n0, int64_t n1);
 // ---- shared by the entry points ----------------------------------------------------------
 // A per-thread buffer of at least `bytes` (64-byte aligned) that lives until the thread
 // ends and is reused by the next call with the same slot: no allocation per call.
+// kSlotScores: cpu_attention.cpp; kSlotLayer*: cpu_decode_layer.cpp (a layer's intermediate
+// vectors, live across its kernel calls, so never a slot the kernels use themselves).
 enum ScratchSlot : int { kSlotX = 0, kSlotAcc, kSlotXscale, kSlotXsum, kSlotXq, kSlotXinit, kSlotTiles, kSlotScores,
-                         kScratchSlots };  // kSlotScores: cpu_attention.cpp
+                         kSlotLayerA, kSlotLayerB, kSlotLayerC, kScratchSlots };
 void* thread_scratch(int slot, int64_t bytes);
 template <class T>
 T* scratch(int slot, int64_t n) {

@@ -65,6 +65,28 @@ int permute_rows_4bit_cpu(const int32_t* qweight, int32_t* out, const int64_t* o
 int decode_attention_cpu(const float* q, const float* k, const float* v, const uint8_t* keep, const float* add,
                          float* out, int64_t B, int64_t H, int64_t KVH, int64_t T, int64_t D, float scale);
 
+// One decode position through the two halves of a LLaMA-like decoder layer that lie around
+// the KV cache (cpu_decode_layer.cpp), fp32, B rows of hidden size H; every Linear a 4-bit
+// layer in the kernel layout (gemm_4bit_cpu's arguments).
+struct Linear4bit {
+  const int32_t* qweight;
+  const int32_t* qzeros;
+  const float* scales;
+  const int32_t* perm;  // act-order gather or null
+  const float* bias;    // or null
+  int64_t K, N, group_size;
+};
+// q [B, heads, D], k and v [B, kv_heads, D] = RoPE'd projections of rms_norm(x) (q and k
+// rotated, rotate-half convention; cos and sin [B or 1, D], cos_rows 1 or B); qkv.N =
+// (heads + 2 kv_heads) D, in that order.
+int decode_qkv_cpu(const float* x, const float* norm_weight, float eps, const Linear4bit& qkv, const float* cos,
+                   const float* sin, int64_t cos_rows, float* q, float* k, float* v, int64_t B, int64_t H,
+                   int64_t heads, int64_t kv_heads, int64_t D);
+// out [B, H] = h + down(silu(gate) * up), where h = x + o(attn) and [gate | up] =
+// gate_up(rms_norm(h)): the rest of the layer after attention.
+int decode_o_mlp_cpu(const float* x, const float* attn, const Linear4bit& o, const float* norm_weight, float eps,
+                     const Linear4bit& gate_up, const Linear4bit& down, float* out, int64_t B, int64_t H);
+
 // ---- CUDA (built when the CUDA toolkit and a CUDA torch are present) ---------------
 // dtype: kFloat16 or kBFloat16. `stream` is a cudaStream_t passed as void*.
 int gemm_4bit_cuda(const void* x, const int32_t* qweight, const int32_t* qzeros,
