@@ -63,13 +63,13 @@ class Ours:
     def __init__(self, args, compiled: bool):
         import torch
 
-        from bluelm_quant.fuse import fuse_projections
+        from bluelm_quant.cpu_decode import prepare_cpu_decode
         from bluelm_quant.generate import Generator
         from bluelm_quant.loading import load_quantized
 
         torch.set_num_threads(args.threads)
         model = load_quantized(args.quant, dtype=torch.float32, lm_head_bits=args.lm_head_bits)
-        fuse_projections(model)  # as the chat CLI runs it
+        prepare_cpu_decode(model)  # as the chat CLI runs it
         self.gen = Generator(model, max_len=len(args.ids) + args.new, compile=compiled, threads=args.threads)
         self.prompt = torch.tensor([args.ids])
         self.new = args.new

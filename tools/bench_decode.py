@@ -125,8 +125,10 @@ def main(argv=None) -> int:
     p.add_argument("--attention", default="loaded",
                    help="comma list: 'loaded' (as load_quantized sets it), 'sdpa', 'bluelm_cpu' (cpu_attention.py), "
                         "'bluelm_cpu_matmul' (the same with matmuls instead of the extension's attention op)")
-    p.add_argument("--fuse", default="on", help="comma list: 'on' (q/k/v and gate/up as one kernel call each, "
-                   "bluelm_quant.fuse, as the chat CLI runs it), 'off' (default on; 'before' is always off)")
+    p.add_argument("--fuse", default="layers",
+                   help="comma list: 'layers' (q/k/v and gate/up as one kernel call each, bluelm_quant.fuse, and each "
+                        "decoder layer's decode step as two extension calls, bluelm_quant.cpu_decode: as the chat CLI "
+                        "runs it), 'on' (the fused projections only), 'off' (default layers; 'before' is always off)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table for each variant")
     args = p.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -157,9 +159,10 @@ def main(argv=None) -> int:
     if not attentions or any(a not in choices for a in attentions):
         p.error(f"--attention {args.attention}: use a comma list of {', '.join(choices)}")
     fuses = [f.strip() for f in args.fuse.split(",") if f.strip()]
-    if not fuses or any(f not in ("on", "off") for f in fuses):
-        p.error(f"--fuse {args.fuse}: use a comma list of on, off")
+    if not fuses or any(f not in ("layers", "on", "off") for f in fuses):
+        p.error(f"--fuse {args.fuse}: use a comma list of layers, on, off")
     from bluelm_quant import cpu_attention  # noqa: F401  (registers bluelm_cpu and bluelm_cpu_matmul)
+    from bluelm_quant.cpu_decode import enable_decode_layers
     from bluelm_quant.fuse import fuse_projections
 
     runners, reference = {}, {}
@@ -167,11 +170,13 @@ def main(argv=None) -> int:
         model = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
         if attn != "loaded":
             model.set_attn_implementation(attn)
-        if fuse == "on":
+        if fuse in ("on", "layers"):
             fuse_projections(model)
+        if fuse == "layers":
+            enable_decode_layers(model)
         for name in names:
             label = name + (f" h{bits}" if len(heads) > 1 else "") + (f" {attn}" if len(attentions) > 1 else "")
-            label += " unfused" if fuse == "off" and len(fuses) > 1 else ""
+            label += {"off": " unfused", "on": " fused", "layers": " layers"}[fuse] if len(fuses) > 1 else ""
             if name == "before":  # SDPA, as models were loaded before issue 14; its own model
                 label = "before" + (f" h{bits}" if len(heads) > 1 else "")
                 if label in runners:

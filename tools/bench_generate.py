@@ -40,7 +40,7 @@ def load(kind: str, args):
     import torch
 
     import bluelm_quant  # noqa: F401  (BlueLM in the Auto classes)
-    from bluelm_quant.fuse import fuse_projections
+    from bluelm_quant.cpu_decode import prepare_cpu_decode
     from bluelm_quant.loading import load_quantized
 
     dtype = getattr(torch, args.dtype)
@@ -49,8 +49,8 @@ def load(kind: str, args):
                                lm_head_bits=args.lm_head_bits)
         if kind == "fp":
             dequantize_in_place(model)
-        elif torch.device(args.device).type == "cpu":  # as the chat CLI runs it (fused on the CPU, where measured)
-            fuse_projections(model)
+        elif torch.device(args.device).type == "cpu":  # as the chat CLI runs it (on the CPU, where measured)
+            prepare_cpu_decode(model)
         return model
     from transformers import AutoModelForCausalLM
 

@@ -73,12 +73,13 @@ def check_threads(threads: int | None) -> int | None:
 
 def load_chat_model(args: argparse.Namespace, device: str):
     """(model, tokenizer) as the chat runs them: with the adapter when one is given, else, on the CPU,
-    with the projections that share an input fused into one kernel call each (fuse.py; adapters need
-    the separate Linears, and a chat never saves the model). Not on CUDA: never measured there, and
-    a long prompt would dequantize the fused weight, twice a member's size, in one piece."""
+    with the projections that share an input fused into one kernel call each and each decoder layer's
+    decode step as two extension calls (cpu_decode.prepare_cpu_decode; adapters need the separate
+    Linears, and a chat never saves the model). Not on CUDA: never measured there, and a long prompt
+    would dequantize the fused weight, twice a member's size, in one piece."""
     import torch
 
-    from ..fuse import fuse_projections
+    from ..cpu_decode import prepare_cpu_decode
     from ..hf import load_model_and_tokenizer
     from ..placement import model_device
 
@@ -89,7 +90,7 @@ def load_chat_model(args: argparse.Namespace, device: str):
 
         return load_adapter(model, args.adapter), tokenizer
     if model_device(model).type == "cpu":
-        fuse_projections(model)
+        prepare_cpu_decode(model)
     return model, tokenizer
 
 
