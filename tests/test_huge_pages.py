@@ -1,0 +1,285 @@
+"""The CPU kernels' tensors in one arena on transparent huge pages (bluelm_quant.huge_pages, issue 14):
+the packed model computes and saves exactly what the unpacked one does, the arena is 2 MB-aligned private
+memory that really gets huge pages, it is freed when nothing points into it, and a platform without
+MADV_HUGEPAGE gets plain memory instead of an error."""
+import copy
+import gc
+import mmap
+import os
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bluelm_quant import extension, huge_pages
+from bluelm_quant.config import QuantConfig
+from bluelm_quant.huge_pages import HUGE_PAGE_BYTES, allocate_arena, kernel_tensor_slots, pack_kernel_tensors
+from bluelm_quant.nn import QuantLinear, find_linears, set_module
+from bluelm_quant.placement import Int8Linear
+from bluelm_quant.quantizer import rtn
+from bluelm_quant.saving import save_quantized
+
+from tiny_models import tiny_llama, tokens
+
+pytestmark = [pytest.mark.skipif(extension.quant_cuda() is None, reason="needs the compiled quant_cuda extension"),
+              pytest.mark.usefixtures("one_thread")]
+
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+GROUP = 32
+
+
+def thp_mode() -> str | None:
+    """The bracketed mode of THP_ENABLED ('always', 'madvise', 'never'), None without THP."""
+    try:
+        text = open(THP_ENABLED).read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def mapping_of(address: int) -> dict:
+    """/proc/self/smaps's entry for the mapping holding `address`: its range, permissions, and fields."""
+    entry = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+                if entry is not None:
+                    return entry
+                lo, hi = (int(v, 16) for v in head[0].split("-"))
+                if lo <= address < hi:
+                    entry = {"range": (lo, hi), "perms": head[1]}
+            elif entry is not None:
+                key, _, value = line.partition(":")
+                entry[key] = value.split()
+    if entry is None:
+        raise AssertionError(f"no mapping holds {address:#x}")
+    return entry
+
+
+@pytest.fixture
+def mappings(monkeypatch):
+    """Weak references to every mmap the code under test creates."""
+    made, real = [], mmap.mmap
+
+    def recording(*args, **kwargs):
+        m = real(*args, **kwargs)
+        made.append(weakref.ref(m))
+        return m
+
+    monkeypatch.setattr(mmap, "mmap", recording)
+    return made
+
+
+def quantized_tiny(act_order: bool, seed: int = 0, **overrides) -> torch.nn.Module:
+    """tiny_llama with 4-bit Linears (act-order: one permuted g_idx per input width, so the permutation
+    is shared and q/k/v and gate/up still fuse) and an int8 lm_head: every kind of kernel tensor."""
+    model = tiny_llama(seed=seed, **overrides)
+    config = QuantConfig(bits=4, group_size=GROUP, sym=False)
+    perms = {}
+    for name, linear in find_linears(model).items():
+        qw = rtn(linear.weight.data, config)
+        if act_order:
+            k = linear.in_features
+            perm = perms.setdefault(k, torch.randperm(k, generator=torch.Generator().manual_seed(k)))
+            qw.g_idx = (torch.argsort(perm) // GROUP).to(torch.int32)
+        set_module(model, name, QuantLinear.from_quantized(qw, GROUP, linear.bias, torch.float32))
+    model.lm_head = Int8Linear.from_weight(model.lm_head.weight.detach(), torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def kernel_tensors(model) -> dict[str, torch.Tensor]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return {f"{names[id(m)]}.{n}": getattr(m, n) for m, n in kernel_tensor_slots(model)}
+
+
+def assert_in_one_arena(model, aligned: bool = True) -> int:
+    """All kernel tensors are views of one storage, 2 MB-aligned (when `aligned`), each 64-byte aligned,
+    none overlapping; returns the storage's address."""
+    tensors = kernel_tensors(model)
+    assert tensors
+    storages = {t.untyped_storage().data_ptr() for t in tensors.values()}
+    assert len(storages) == 1, f"{len(storages)} storages"
+    base = storages.pop()
+    if aligned:
+        assert base % HUGE_PAGE_BYTES == 0
+    spans = sorted({(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors.values()})
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert end <= start, "two kernel tensors overlap in the arena"
+    assert all(t.data_ptr() % 64 == 0 and t.is_contiguous() for t in tensors.values())
+    return base
+
+
+def logits(model, ids) -> list[torch.Tensor]:
+    """A prefill's and a single-position step's logits (the M=1 kernel bodies)."""
+    with torch.no_grad():
+        return [model(ids).logits, model(ids[:, :1]).logits]
+
+
+def assert_same_logits(a: list, b: list):
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# --- the arena -----------------------------------------------------------------------------------
+
+
+def test_arena_is_2mb_aligned_private_memory_of_the_size_asked():
+    arena = allocate_arena(3 * HUGE_PAGE_BYTES + 100)
+    assert arena.dtype == torch.uint8 and arena.numel() == 3 * HUGE_PAGE_BYTES + 100
+    assert arena.data_ptr() % HUGE_PAGE_BYTES == 0
+    assert arena.untyped_storage().nbytes() == arena.numel()  # the alignment slack is not counted as held
+    # MAP_SHARED (mmap.mmap(-1, n)'s default) would be shmem, which gets no huge pages in madvise mode
+    assert mapping_of(arena.data_ptr())["perms"].endswith("p")
+    arena.fill_(7)
+    assert int(arena.sum()) == 7 * arena.numel()
+
+
+def test_arena_mapping_lives_as_long_as_a_view_and_cannot_be_closed_under_it(mappings):
+    arena = allocate_arena(HUGE_PAGE_BYTES)
+    (ref,) = mappings
+    view = arena[10:20]
+    view.fill_(5)
+    del arena
+    gc.collect()
+    assert ref() is not None  # torch.frombuffer's storage keeps the mapping
+    with pytest.raises(BufferError):  # an unmapped arena under a live tensor would crash the process
+        ref().close()
+    assert view.tolist() == [5] * 10
+    del view
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.skipif(thp_mode() in (None, "never"), reason=f"transparent huge pages are off ({THP_ENABLED}: {thp_mode()})")
+def test_packed_kernel_tensors_are_on_huge_pages():
+    # ~4.6 MB of kernel tensors: two whole huge pages and a partial one
+    model = quantized_tiny(False, hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=8)
+    total = pack_kernel_tensors(model)
+    base = assert_in_one_arena(model)
+    whole = total // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    assert whole >= 2 * HUGE_PAGE_BYTES
+    advised = mapping_of(base)
+    assert "hg" in advised["VmFlags"] and advised["range"][1] >= base + whole  # MADV_HUGEPAGE on the whole pages
+    huge_kb = int(advised["AnonHugePages"][0])
+    assert huge_kb * 1024 >= whole, (f"{huge_kb} kB of the arena's {whole >> 10} kB of whole huge pages are on huge "
+                                     "pages: the kernel had no free 2 MB pages, or the mapping is not private anonymous")
+    assert "hg" not in mapping_of(base + whole)["VmFlags"]  # the partial last page is left alone
+
+
+def test_without_madv_hugepage_the_arena_is_plain_memory(monkeypatch):
+    monkeypatch.delattr(mmap, "MADV_HUGEPAGE")
+
+    def no_mmap(*args, **kwargs):
+        raise AssertionError("mmap called although this Python has no MADV_HUGEPAGE")
+
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    model = quantized_tiny(True)
+    reference = logits(model, tokens())
+    assert pack_kernel_tensors(model) > 0
+    assert_in_one_arena(model, aligned=False)
+    assert_same_logits(logits(model, tokens()), reference)
+
+
+def test_a_kernel_that_refuses_the_advice_leaves_the_arena_on_small_pages(monkeypatch):
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 1000)  # no such advice: madvise fails with EINVAL
+    arena = allocate_arena(2 * HUGE_PAGE_BYTES)
+    arena.fill_(1)
+    entry = mapping_of(arena.data_ptr())
+    assert "hg" not in entry["VmFlags"]
+    if thp_mode() == "madvise":
+        assert entry["AnonHugePages"][0] == "0"
+    assert int(arena.sum()) == arena.numel()
+
+
+# --- packing a model -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+def test_packed_tensors_equal_the_originals_and_the_model_computes_the_same(act_order):
+    model = quantized_tiny(act_order)
+    before = {k: t.clone() for k, t in kernel_tensors(model).items()}
+    assert any(k.endswith("kernel_perm") for k in before) == act_order
+    assert any(k.endswith("weight_int8") for k in before)
+    reference = logits(model, tokens())
+    total = pack_kernel_tensors(model)
+    assert_in_one_arena(model)
+    after = kernel_tensors(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], t) and after[k].dtype == t.dtype for k, t in before.items())
+    assert total >= sum(t.numel() * t.element_size() for t in before.values())
+    assert_same_logits(logits(model, tokens()), reference)
+
+
+def test_packing_again_frees_the_first_arena_once_nothing_points_into_it(mappings):
+    model = quantized_tiny(False)
+    pack_kernel_tensors(model)
+    held = model.model.layers[0].mlp.down_proj.qweight  # someone else's view of the first arena
+    expected = held.clone()
+    pack_kernel_tensors(model)
+    gc.collect()
+    assert [r() is None for r in mappings] == [False, False]
+    assert torch.equal(held, expected)
+    del held
+    gc.collect()
+    assert [r() is None for r in mappings] == [True, False]
+
+
+def test_packing_frees_each_original_tensor_as_it_goes(monkeypatch):
+    model = quantized_tiny(True)
+    logits(model, tokens())  # QuantLinear's kernel plans now hold the tensors too
+    assert any(m._plan for m in model.modules() if isinstance(m, QuantLinear))
+    originals = [weakref.ref(t) for t in kernel_tensors(model).values()]
+    alive_at_each_copy, real_copy = [], torch.Tensor.copy_
+
+    def counting_copy(dst, src, *args, **kwargs):
+        alive_at_each_copy.append(sum(r() is not None for r in originals))
+        return real_copy(dst, src, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counting_copy)
+    pack_kernel_tensors(model)
+    monkeypatch.undo()
+    gc.collect()
+    assert not any(r() is not None for r in originals)
+    # when the i-th tensor is copied into the arena, the i copied before are gone: memory holds
+    # the arena's pages written so far and the tensors still to copy, never the whole model twice
+    assert alive_at_each_copy == [len(originals) - i for i in range(len(originals))]
+    assert not any(m._plan for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def test_a_tensor_two_layers_share_stays_shared():
+    model = quantized_tiny(False)
+    layers = model.model.layers
+    layers[1].mlp.down_proj.scales = layers[0].mlp.down_proj.scales
+    pack_kernel_tensors(model)
+    assert layers[1].mlp.down_proj.scales.data_ptr() == layers[0].mlp.down_proj.scales.data_ptr()
+
+
+def test_a_packed_model_saves_the_same_checkpoint(tmp_path):
+    packed = quantized_tiny(True)
+    plain = copy.deepcopy(packed)
+    pack_kernel_tensors(packed)
+    config = QuantConfig(bits=4, group_size=GROUP, sym=False)
+    for name, model in (("packed", packed), ("plain", plain)):
+        save_quantized(model, str(tmp_path / name), config)
+    files = sorted(f for f in os.listdir(tmp_path / "plain") if f.endswith(".safetensors"))
+    assert files == sorted(f for f in os.listdir(tmp_path / "packed") if f.endswith(".safetensors"))
+    for f in files:
+        want, got = load_file(str(tmp_path / "plain" / f)), load_file(str(tmp_path / "packed" / f))
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+
+
+def test_nothing_to_pack_in_a_full_precision_or_meta_model():
+    assert pack_kernel_tensors(tiny_llama()) == 0
+    on_meta = QuantLinear(64, 64, group_size=GROUP, device="meta")  # not on the CPU: as a CUDA model is skipped
+    assert pack_kernel_tensors(on_meta) == 0 and on_meta.qweight.is_meta
+
+
+def test_disabled_leaves_tensors_where_they_are():
+    model = quantized_tiny(False)
+    before = {k: t.data_ptr() for k, t in kernel_tensors(model).items()}
+    with huge_pages.disabled():
+        assert pack_kernel_tensors(model) == 0
+    assert {k: t.data_ptr() for k, t in kernel_tensors(model).items()} == before
+    assert pack_kernel_tensors(model) > 0  # enabled again after the block
