@@ -12,15 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bluelm_quant import extension, huge_pages
+from bluelm_quant import extension, hf, huge_pages
 from bluelm_quant.config import QuantConfig
+from bluelm_quant.fuse import fuse_projections
 from bluelm_quant.huge_pages import HUGE_PAGE_BYTES, allocate_arena, kernel_tensor_slots, pack_kernel_tensors
+from bluelm_quant.loading import load_quantized
 from bluelm_quant.nn import QuantLinear, find_linears, set_module
 from bluelm_quant.placement import Int8Linear
 from bluelm_quant.quantizer import rtn
 from bluelm_quant.saving import save_quantized
 
-from tiny_models import tiny_llama, tokens
+from tiny_models import save_tiny_4bit, tiny_llama, tokens
 
 pytestmark = [pytest.mark.skipif(extension.quant_cuda() is None, reason="needs the compiled quant_cuda extension"),
               pytest.mark.usefixtures("one_thread")]
@@ -211,6 +213,18 @@ def test_packed_tensors_equal_the_originals_and_the_model_computes_the_same(act_
     assert_same_logits(logits(model, tokens()), reference)
 
 
+def test_fusing_packs_the_fused_model_into_a_new_arena_and_frees_the_old_one(mappings):
+    model = quantized_tiny(True)
+    reference = logits(model, tokens())
+    pack_kernel_tensors(model)
+    first = assert_in_one_arena(model)
+    assert fuse_projections(model) == 2 * model.config.num_hidden_layers
+    gc.collect()
+    assert [r() is None for r in mappings] == [True, False]  # the first arena went once everything moved
+    assert assert_in_one_arena(model) != first
+    assert_same_logits(logits(model, tokens()), reference)
+
+
 def test_packing_again_frees_the_first_arena_once_nothing_points_into_it(mappings):
     model = quantized_tiny(False)
     pack_kernel_tensors(model)
@@ -283,3 +297,32 @@ def test_disabled_leaves_tensors_where_they_are():
         assert pack_kernel_tensors(model) == 0
     assert {k: t.data_ptr() for k, t in kernel_tensors(model).items()} == before
     assert pack_kernel_tensors(model) > 0  # enabled again after the block
+
+
+# --- the loaders ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    return save_tiny_4bit(str(tmp_path_factory.mktemp("huge_pages") / "q"), seed=3)
+
+
+@pytest.mark.parametrize("lm_head_bits", [16, 8])
+def test_load_quantized_on_the_cpu_packs_the_kernel_tensors(saved_tiny, lm_head_bits):
+    model = load_quantized(saved_tiny, dtype=torch.float32, lm_head_bits=lm_head_bits)
+    assert_in_one_arena(model)
+    assert isinstance(model.lm_head, Int8Linear) == (lm_head_bits == 8)
+    with huge_pages.disabled():
+        plain = load_quantized(saved_tiny, dtype=torch.float32, lm_head_bits=lm_head_bits)
+    assert len({t.untyped_storage().data_ptr() for t in kernel_tensors(plain).values()}) > 1
+    assert_same_logits(logits(model, tokens()), logits(plain, tokens()))
+
+
+def test_from_pretrained_through_the_hf_quantizer_packs_the_kernel_tensors(saved_tiny):
+    from transformers import AutoModelForCausalLM
+
+    with hf.enabled():
+        model = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32)
+    assert_in_one_arena(model)
+    assert_same_logits(logits(model, tokens()),
+                       logits(load_quantized(saved_tiny, dtype=torch.float32), tokens()))
