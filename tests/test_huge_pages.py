@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from bluelm_quant import extension, hf, huge_pages
 from bluelm_quant.config import QuantConfig
-from bluelm_quant.fuse import fuse_projections
+from bluelm_quant.fuse import FusedMember, fuse_projections
 from bluelm_quant.huge_pages import HUGE_PAGE_BYTES, allocate_arena, kernel_tensor_slots, pack_kernel_tensors
 from bluelm_quant.loading import load_quantized
 from bluelm_quant.nn import QuantLinear, find_linears, set_module
@@ -22,7 +22,7 @@ from bluelm_quant.placement import Int8Linear
 from bluelm_quant.quantizer import rtn
 from bluelm_quant.saving import save_quantized
 
-from tiny_models import save_tiny_4bit, tiny_llama, tokens
+from tiny_models import byte_tokenizer, save_tiny_4bit, tiny_llama, tokens
 
 pytestmark = [pytest.mark.skipif(extension.quant_cuda() is None, reason="needs the compiled quant_cuda extension"),
               pytest.mark.usefixtures("one_thread")]
@@ -304,7 +304,9 @@ def test_disabled_leaves_tensors_where_they_are():
 
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory):
-    return save_tiny_4bit(str(tmp_path_factory.mktemp("huge_pages") / "q"), seed=3)
+    path = save_tiny_4bit(str(tmp_path_factory.mktemp("huge_pages") / "q"), seed=3)
+    byte_tokenizer().save_pretrained(path)  # for the chat's loader
+    return path
 
 
 @pytest.mark.parametrize("lm_head_bits", [16, 8])
@@ -326,3 +328,13 @@ def test_from_pretrained_through_the_hf_quantizer_packs_the_kernel_tensors(saved
     assert_in_one_arena(model)
     assert_same_logits(logits(model, tokens()),
                        logits(load_quantized(saved_tiny, dtype=torch.float32), tokens()))
+
+
+def test_the_chat_packs_its_fused_model_once(saved_tiny, mappings):
+    """bluelm-chat loads, then fuses: only the fusing packs, so two arenas are never held at once."""
+    from bluelm_quant.cli import chat as chat_cli
+
+    model, _ = chat_cli.load_chat_model(chat_cli.parser().parse_args(["--model", saved_tiny]), "cpu")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, FusedMember)
+    assert_in_one_arena(model)
+    assert len(mappings) == 1
