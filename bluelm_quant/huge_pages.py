@@ -2,14 +2,15 @@
 
 Why: at batch 1 the 4-bit kernel streams its weights in 2 KB row segments 16-44 KB apart, so
 with 4 KB pages nearly every segment is on a page the TLB does not hold. With 2 MB pages one TLB
-entry covers 512 times as much. Measured on the 2-core dev machine (THP in `madvise` mode), the
-weights copied into memory madvised MADV_HUGEPAGE against the same tensors on 4 KB pages:
-  gemm_4bit alone, M=1, group 128, 2 threads: 4096x11008 11.5 -> 13.6 GB/s, 11008x4096
-  14.3 -> 16.2 GB/s (1 thread: +13-20%);
-  SmolLM2-135M g64 compiled decode, int8 lm_head, fused, all kernel tensors in one arena:
-  median 80.5 -> 87.2 tok/s, ahead in all 7 interleaved rounds, same tokens;
-  tools/bench_decode.py --model DIR --variants loop-compiled --lm-head-bits 8 --huge-pages on,off
-  --rounds 7 measures it again.
+entry covers 512 times as much. Measured on the 2-core dev machine (THP in `madvise` mode), 4 KB
+pages -> this arena, interleaved in one process:
+  gemm_4bit alone, M=1, group 128 (tools/bench_kernels.py --device cpu --shapes
+  4096x11008,11008x4096 --m 1 --heads "" --isa amx --threads 2,1 --iters 40 --huge-pages):
+  2 threads 4096x11008 9.2 -> 10.3 GB/s, 11008x4096 12.6 -> 13.4; 1 thread 7.2 -> 8.5, 10.6 -> 11.2
+  (a first scratch measurement: 11.5 -> 13.6 and 14.3 -> 16.2 GB/s at 2 threads);
+  SmolLM2-135M g64 compiled decode, int8 lm_head, fused (tools/bench_decode.py --model DIR
+  --variants loop-compiled --lm-head-bits 8 --huge-pages on,off --rounds 7): median 73.4 -> 80.5
+  tok/s (ahead in 7 of 7 rounds) and 107.1 -> 114.4 (6 of 7) in two runs, the same tokens.
 
 How: `allocate_arena` maps private anonymous memory (Python's mmap.mmap(-1, n) default is
 MAP_SHARED, i.e. shmem, which gets no huge pages in `madvise` mode), starts the arena on a 2 MB
@@ -17,7 +18,8 @@ boundary and madvises the whole huge pages inside it. `pack_kernel_tensors` copi
 tensor of the quantized layers (QuantLinear, Int8Linear) into one such arena and swaps the
 module buffers for views of it, one tensor at a time, so the old tensors are freed as it goes.
 Packing again (fuse_projections makes new tensors) builds a new arena; the old one is unmapped
-once nothing points into it, which means both exist until the last tensor has moved.
+once nothing points into it, which means both exist until the last tensor has moved (so
+bluelm-chat loads a model it will fuse under `disabled()`, and only the fusing packs).
 
 The views are ordinary contiguous tensors: saving, .to() and the kernels see no difference, and
 the arena is released when its last view goes. Where Python or the platform offers no
@@ -53,7 +55,8 @@ _packing_enabled = True
 @contextlib.contextmanager
 def disabled():
     """Within the block, `pack_kernel_tensors` leaves tensors where they are (so do the loaders and
-    fuse_projections, which call it): the 4 KB-page baseline of tools/bench_decode.py --huge-pages."""
+    fuse_projections, which call it): for loading a model that is packed later (bluelm-chat fuses
+    it), and the 4 KB-page baseline of tools/bench_decode.py --huge-pages."""
     global _packing_enabled
     was, _packing_enabled = _packing_enabled, False
     try:
