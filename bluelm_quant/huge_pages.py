@@ -14,17 +14,18 @@ pages -> this arena, interleaved in one process:
 
 How: `allocate_arena` maps private anonymous memory (Python's mmap.mmap(-1, n) default is
 MAP_SHARED, i.e. shmem, which gets no huge pages in `madvise` mode), starts the arena on a 2 MB
-boundary and madvises the whole huge pages inside it. `pack_kernel_tensors` copies every CPU
-tensor of the quantized layers (QuantLinear, Int8Linear) into one such arena and swaps the
-module buffers for views of it, one tensor at a time, so the old tensors are freed as it goes.
+boundary and madvises the whole huge pages inside it (check: AnonHugePages in
+/proc/<pid>/smaps_rollup). `pack_kernel_tensors` copies every CPU tensor of the quantized layers
+(QuantLinear, Int8Linear) into one such arena and swaps the module buffers for its tensors, one
+tensor at a time, so the old tensors are freed as it goes.
 Packing again (fuse_projections makes new tensors) builds a new arena; the old one is unmapped
 once nothing points into it, which means both exist until the last tensor has moved (so
 bluelm-chat loads a model it will fuse under `disabled()`, and only the fusing packs).
 
-The views are ordinary contiguous tensors: saving, .to() and the kernels see no difference, and
-the arena is released when its last view goes. Where Python or the platform offers no
-MADV_HUGEPAGE, or the kernel refuses the advice, the arena is plain memory: the same tensors, on
-4 KB pages.
+The tensors in the arena are ordinary contiguous tensors, each with a storage of its own:
+saving (safetensors or torch.save), .to() and the kernels see no difference, and the arena is
+released when its last tensor goes. Where Python or the platform offers no MADV_HUGEPAGE, or the
+kernel refuses the advice, the arena is the same memory on small pages.
 """
 from __future__ import annotations
 
@@ -65,32 +66,47 @@ def disabled():
         _packing_enabled = was
 
 
-def allocate_arena(nbytes: int) -> torch.Tensor:
-    """A uint8 CPU tensor of `nbytes`, its data 2 MB-aligned in private anonymous memory whose whole
-    huge pages are madvised MADV_HUGEPAGE; plain memory where that cannot be asked for.
+def allocate_arena(nbytes: int) -> memoryview:
+    """`nbytes` of writable memory, 2 MB-aligned, in private anonymous memory whose whole huge pages
+    are madvised MADV_HUGEPAGE; the same without the advice where Python or the platform has no
+    MADV_HUGEPAGE (or no MAP_PRIVATE: Windows), so on small pages. Never an error for that. Pages
+    are mapped as they are first written, so the arena costs memory only as it is filled.
 
-    The tensor's storage is exactly the arena (not the alignment slack), and it keeps the mapping
-    alive: the mapping goes when the last tensor viewing it does.
+    `tensor_in(arena, offset, like)` makes tensors of it. A memoryview, not a tensor: tensors made
+    with torch.frombuffer each get a storage of their own, and torch.save refuses one storage
+    viewed as several dtypes (int32 codes, float scales, int8 head). Each storage holds the
+    memoryview, which holds the mapping's buffer export: the mapping goes with the last tensor,
+    and mapping.close() raises while one lives (torch.frombuffer keeps the object it is given
+    alive but not an export of its own, so a bare mmap could be unmapped under a tensor).
     """
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    flags = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
-    if advice is None or None in flags:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=flags[0] | flags[1])
-    # Through a memoryview: torch.frombuffer holds a reference to the object it is given but not
-    # its buffer export, and an mmap with no export can be closed (unmapped) under the tensor. The
-    # memoryview holds the export, so mapping.close() raises instead.
-    view = memoryview(mapping)
-    address = torch.frombuffer(view, dtype=torch.uint8, count=1).data_ptr()
+    mapping = _anonymous_mapping(nbytes + HUGE_PAGE_BYTES)
+    whole = memoryview(mapping)
+    address = torch.frombuffer(whole, dtype=torch.uint8, count=1).data_ptr()
     start = (HUGE_PAGE_BYTES - address % HUGE_PAGE_BYTES) % HUGE_PAGE_BYTES  # to the next 2 MB boundary
-    arena = torch.frombuffer(view, dtype=torch.uint8, count=nbytes, offset=start)
     whole_pages = nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES  # a partial last page would back 2 MB
-    if whole_pages:
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None and whole_pages:
         try:
             mapping.madvise(advice, start, whole_pages)
         except OSError as e:  # a kernel without THP: EINVAL. The memory is fine, on 4 KB pages.
             log.debug("madvise(MADV_HUGEPAGE) refused (%s): the arena stays on 4 KB pages", e)
-    return arena
+    return whole[start : start + nbytes]
+
+
+def _anonymous_mapping(nbytes: int) -> mmap.mmap:
+    """Private where the platform says how: mmap.mmap(-1, n)'s default on Unix is MAP_SHARED, i.e.
+    shmem, which gets no huge pages in THP's `madvise` mode."""
+    if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS"):
+        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, nbytes)  # Windows: anonymous memory, no flags to pass
+
+
+def tensor_in(arena: memoryview, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor with `like`'s shape and dtype at byte `offset` of the arena,
+    with a storage of its own that keeps the arena alive."""
+    if not like.numel():  # torch.frombuffer refuses count 0; an empty tensor reads no memory anyway
+        return torch.empty(like.shape, dtype=like.dtype)
+    return torch.frombuffer(arena, dtype=like.dtype, count=like.numel(), offset=offset).view(like.shape)
 
 
 def kernel_tensor_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -120,9 +136,9 @@ def pack_kernel_tensors(model: nn.Module) -> int:
     (`allocate_arena`), in module order, each 64-byte aligned; returns the arena's bytes (0: none
     to move, as for CUDA and full-precision models, or within `disabled()`).
 
-    Each buffer is swapped for its view as soon as it is copied, so tensors only this model held
-    are freed as the arena fills. A previous arena is freed once nothing points into it any more.
-    QuantLinear drops its cached kernel plan when a buffer is assigned (nn.QuantLinear.__setattr__).
+    Each buffer is swapped for its arena tensor as soon as it is copied, so tensors only this model
+    held are freed as the arena fills. A previous arena is freed once nothing points into it any
+    more. QuantLinear drops its cached kernel plan when a buffer is assigned (its __setattr__).
     """
     if not _packing_enabled:
         return 0
@@ -141,8 +157,7 @@ def pack_kernel_tensors(model: nn.Module) -> int:
         t = getattr(module, name)
         key = _identity(t)
         if key not in moved:
-            start = offsets[key]
-            moved[key] = arena[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+            moved[key] = tensor_in(arena, offsets[key], t).copy_(t)
         setattr(module, name, moved[key])
         del t  # the last reference to a tensor only this buffer held: freed before the next copy
     log.debug("%d kernel tensors (%.1f MB) moved onto huge pages", len(moved), total / 2**20)
@@ -150,4 +165,4 @@ def pack_kernel_tensors(model: nn.Module) -> int:
 
 
 __all__ = ["HUGE_PAGE_BYTES", "KERNEL_BUFFERS", "TENSOR_ALIGN_BYTES", "allocate_arena", "disabled",
-           "kernel_tensor_slots", "pack_kernel_tensors"]
+           "kernel_tensor_slots", "pack_kernel_tensors", "tensor_in"]

@@ -4,6 +4,7 @@ memory that really gets huge pages, it is freed when nothing points into it, and
 MADV_HUGEPAGE gets plain memory instead of an error."""
 import copy
 import gc
+import io
 import mmap
 import os
 import weakref
@@ -15,7 +16,8 @@ from safetensors.torch import load_file
 from bluelm_quant import extension, hf, huge_pages
 from bluelm_quant.config import QuantConfig
 from bluelm_quant.fuse import FusedMember, fuse_projections
-from bluelm_quant.huge_pages import HUGE_PAGE_BYTES, allocate_arena, kernel_tensor_slots, pack_kernel_tensors
+from bluelm_quant.huge_pages import (HUGE_PAGE_BYTES, TENSOR_ALIGN_BYTES, allocate_arena, kernel_tensor_slots,
+                                     pack_kernel_tensors, tensor_in)
 from bluelm_quant.loading import load_quantized
 from bluelm_quant.nn import QuantLinear, find_linears, set_module
 from bluelm_quant.placement import Int8Linear
@@ -96,20 +98,22 @@ def kernel_tensors(model) -> dict[str, torch.Tensor]:
     return {f"{names[id(m)]}.{n}": getattr(m, n) for m, n in kernel_tensor_slots(model)}
 
 
-def assert_in_one_arena(model, aligned: bool = True) -> int:
-    """All kernel tensors are views of one storage, 2 MB-aligned (when `aligned`), each 64-byte aligned,
-    none overlapping; returns the storage's address."""
+def address(arena: memoryview) -> int:
+    return torch.frombuffer(arena, dtype=torch.uint8, count=1).data_ptr()
+
+
+def assert_in_one_arena(model) -> int:
+    """The kernel tensors lie side by side in one 2 MB-aligned block (each next one on the next 64-byte
+    boundary), each contiguous with a storage of exactly its own bytes; returns the block's address."""
     tensors = kernel_tensors(model)
     assert tensors
-    storages = {t.untyped_storage().data_ptr() for t in tensors.values()}
-    assert len(storages) == 1, f"{len(storages)} storages"
-    base = storages.pop()
-    if aligned:
-        assert base % HUGE_PAGE_BYTES == 0
+    for name, t in tensors.items():
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
     spans = sorted({(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors.values()})
     for (_, end), (start, _) in zip(spans, spans[1:]):
-        assert end <= start, "two kernel tensors overlap in the arena"
-    assert all(t.data_ptr() % 64 == 0 and t.is_contiguous() for t in tensors.values())
+        assert start == -(-end // TENSOR_ALIGN_BYTES) * TENSOR_ALIGN_BYTES, "the kernel tensors are not packed"
+    base = spans[0][0]
+    assert base % HUGE_PAGE_BYTES == 0
     return base
 
 
@@ -128,19 +132,33 @@ def assert_same_logits(a: list, b: list):
 
 def test_arena_is_2mb_aligned_private_memory_of_the_size_asked():
     arena = allocate_arena(3 * HUGE_PAGE_BYTES + 100)
-    assert arena.dtype == torch.uint8 and arena.numel() == 3 * HUGE_PAGE_BYTES + 100
-    assert arena.data_ptr() % HUGE_PAGE_BYTES == 0
-    assert arena.untyped_storage().nbytes() == arena.numel()  # the alignment slack is not counted as held
+    assert len(arena) == 3 * HUGE_PAGE_BYTES + 100 and not arena.readonly
+    assert address(arena) % HUGE_PAGE_BYTES == 0
     # MAP_SHARED (mmap.mmap(-1, n)'s default) would be shmem, which gets no huge pages in madvise mode
-    assert mapping_of(arena.data_ptr())["perms"].endswith("p")
-    arena.fill_(7)
-    assert int(arena.sum()) == 7 * arena.numel()
+    assert mapping_of(address(arena))["perms"].endswith("p")
+    everything = torch.frombuffer(arena, dtype=torch.uint8).fill_(7)
+    assert int(everything.sum()) == 7 * len(arena)
 
 
-def test_arena_mapping_lives_as_long_as_a_view_and_cannot_be_closed_under_it(mappings):
+def test_tensors_in_the_arena_have_storages_of_their_own_that_torch_save_takes():
+    arena = allocate_arena(4096)
+    codes = tensor_in(arena, 0, torch.zeros(4, 8, dtype=torch.int32)).fill_(3)
+    scales = tensor_in(arena, 128, torch.zeros(8, dtype=torch.float16)).fill_(0.5)
+    assert scales.data_ptr() - codes.data_ptr() == 128
+    assert codes.untyped_storage().nbytes() == 128 and scales.untyped_storage().nbytes() == 16
+    assert tensor_in(arena, 256, torch.zeros(0, 5)).shape == (0, 5)
+    # one storage viewed as int32 and float16 would be refused: "view the same data as different types"
+    buffer = io.BytesIO()
+    torch.save({"codes": codes, "scales": scales}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)
+    assert torch.equal(loaded["codes"], codes) and torch.equal(loaded["scales"], scales)
+
+
+def test_arena_mapping_lives_as_long_as_a_tensor_in_it_and_cannot_be_closed_under_it(mappings):
     arena = allocate_arena(HUGE_PAGE_BYTES)
     (ref,) = mappings
-    view = arena[10:20]
+    view = tensor_in(arena, 64, torch.zeros(10, dtype=torch.uint8))
     view.fill_(5)
     del arena
     gc.collect()
@@ -169,24 +187,23 @@ def test_packed_kernel_tensors_are_on_huge_pages():
     assert "hg" not in mapping_of(base + whole)["VmFlags"]  # the partial last page is left alone
 
 
-def test_without_madv_hugepage_the_arena_is_plain_memory(monkeypatch):
-    monkeypatch.delattr(mmap, "MADV_HUGEPAGE")
-
-    def no_mmap(*args, **kwargs):
-        raise AssertionError("mmap called although this Python has no MADV_HUGEPAGE")
-
-    monkeypatch.setattr(mmap, "mmap", no_mmap)
-    model = quantized_tiny(True)
+@pytest.mark.parametrize("missing", [("MADV_HUGEPAGE",), ("MADV_HUGEPAGE", "MAP_PRIVATE")],
+                         ids=["no-madv-hugepage", "windows-like"])
+def test_without_madv_hugepage_the_arena_is_the_same_on_small_pages(monkeypatch, missing):
+    for name in missing:
+        monkeypatch.delattr(mmap, name)
+    model = quantized_tiny(True, hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=8)
     reference = logits(model, tokens())
-    assert pack_kernel_tensors(model) > 0
-    assert_in_one_arena(model, aligned=False)
+    assert pack_kernel_tensors(model) > 2 * HUGE_PAGE_BYTES
+    base = assert_in_one_arena(model)
+    assert "hg" not in mapping_of(base)["VmFlags"]
+    assert mapping_of(base)["perms"].endswith("s" if "MAP_PRIVATE" in missing else "p")
     assert_same_logits(logits(model, tokens()), reference)
 
 
 def test_a_kernel_that_refuses_the_advice_leaves_the_arena_on_small_pages(monkeypatch):
     monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 1000)  # no such advice: madvise fails with EINVAL
-    arena = allocate_arena(2 * HUGE_PAGE_BYTES)
-    arena.fill_(1)
+    arena = torch.frombuffer(allocate_arena(2 * HUGE_PAGE_BYTES), dtype=torch.uint8).fill_(1)
     entry = mapping_of(arena.data_ptr())
     assert "hg" not in entry["VmFlags"]
     if thp_mode() == "madvise":
@@ -267,6 +284,16 @@ def test_a_tensor_two_layers_share_stays_shared():
     layers[1].mlp.down_proj.scales = layers[0].mlp.down_proj.scales
     pack_kernel_tensors(model)
     assert layers[1].mlp.down_proj.scales.data_ptr() == layers[0].mlp.down_proj.scales.data_ptr()
+
+
+def test_a_packed_state_dict_goes_through_torch_save():
+    model = quantized_tiny(True)
+    pack_kernel_tensors(model)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)
+    assert all(torch.equal(loaded[k], t) for k, t in model.state_dict().items())
 
 
 def test_a_packed_model_saves_the_same_checkpoint(tmp_path):
