@@ -7,10 +7,12 @@ pages -> this arena, interleaved in one process:
   gemm_4bit alone, M=1, group 128 (tools/bench_kernels.py --device cpu --shapes
   4096x11008,11008x4096 --m 1 --heads "" --isa amx --threads 2,1 --iters 40 --huge-pages):
   2 threads 4096x11008 9.2 -> 10.3 GB/s, 11008x4096 12.6 -> 13.4; 1 thread 7.2 -> 8.5, 10.6 -> 11.2
-  (a first scratch measurement: 11.5 -> 13.6 and 14.3 -> 16.2 GB/s at 2 threads);
+  (1.12x, 1.06x, 1.19x, 1.06x; a second run 1.07x, 1.02x, 1.14x, 1.07x; a first scratch
+  measurement 11.5 -> 13.6 and 14.3 -> 16.2 GB/s at 2 threads);
   SmolLM2-135M g64 compiled decode, int8 lm_head, fused (tools/bench_decode.py --model DIR
   --variants loop-compiled --lm-head-bits 8 --huge-pages on,off --rounds 7): median 73.4 -> 80.5
-  tok/s (ahead in 7 of 7 rounds) and 107.1 -> 114.4 (6 of 7) in two runs, the same tokens.
+  tok/s (ahead in 7 of 7 rounds), 107.1 -> 114.4 (6 of 7), 85.4 -> 103.6 (6 of 7) in three runs,
+  the same tokens.
 
 How: `allocate_arena` maps private anonymous memory (Python's mmap.mmap(-1, n) default is
 MAP_SHARED, i.e. shmem, which gets no huge pages in `madvise` mode), starts the arena on a 2 MB
