@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .huge_pages import pack_kernel_tensors
 from .models import UnsupportedModelError, spec_for
 from .nn import QuantLinear
 
@@ -118,7 +119,9 @@ def fuse_projections(model: nn.Module) -> int:
     """Fuse, in place, every group of a decoder layer's quantized Linears that read the same input
     (the model spec's `sequential` groups: q/k/v and gate/up for LLaMA-like models). Returns the
     number of groups fused; a group whose members differ (grid, act-order permutation, dtype) is
-    left as it is, and so is a model of a family with no spec.
+    left as it is, and so is a model of a family with no spec. On the CPU the quantized layers'
+    tensors are then packed into a new huge-page arena (huge_pages.pack_kernel_tensors); the old
+    one is freed once the last tensor has moved, so host memory briefly holds both.
 
     Inference only (see the module docstring): the fused model cannot be saved, and LoRA refuses
     it (bluelm_quant.lora). One limit of the memo: under torch.inference_mode tensors carry no
@@ -148,6 +151,8 @@ def fuse_projections(model: nn.Module) -> int:
                 setattr(layer.get_submodule(parent) if parent else layer, child,
                         FusedMember(group, i, m.in_features, m.out_features))
             fused += 1
+    if fused:  # the fused tensors are new allocations: all kernel tensors into one huge-page arena again
+        pack_kernel_tensors(model)
     return fused
 
 

@@ -16,6 +16,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizer_gptq import GptqHfQuantizer
 
+from .huge_pages import pack_kernel_tensors
 from .modeldir import ModelDir
 from .shards import CheckpointError
 from .skeleton import finish_quant_linear, swap_quant_linears
@@ -61,6 +62,7 @@ class BlueLMQuantHfQuantizer(HfQuantizer):
             finish_quant_linear(model.get_submodule(name), f"{name}.g_idx" in reader, self.model_dir.layout)
         model.quant_config = self.model_dir.quant
         self.model_dir.close()
+        pack_kernel_tensors(model)  # on the CPU, as load_quantized does: the kernels' weights on 2 MB pages
         return model
 
     def is_serializable(self):

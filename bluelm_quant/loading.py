@@ -21,6 +21,7 @@ from torch import nn
 
 from . import cpu_attention
 from .auto import register_auto_classes
+from .huge_pages import pack_kernel_tensors
 from .modeldir import ModelDir
 from .placement import (CPUEmbedding, DeviceMemoryError, Int8Linear, check_dtype, head_bytes, quantize_head_4bit,
                         resolve_device, tensor_bytes)
@@ -195,7 +196,8 @@ def load_quantized(
     (perplexity cost measured in docs/ and placement.py).
 
     Device memory peaks near the final size. On the CPU the model attends through
-    cpu_attention.ATTENTION (SDPA's path except for single-position decode steps).
+    cpu_attention.ATTENTION (SDPA's path except for single-position decode steps), and the
+    quantized layers' tensors lie in one arena on transparent huge pages (huge_pages.py).
     """
     model_dir = path if isinstance(path, ModelDir) else ModelDir(path)
     path = model_dir.path
@@ -234,6 +236,7 @@ def load_quantized(
     model.quant_config = config
     if device.type == "cpu":
         cpu_attention.use(model)  # decode steps without torch's flash-attention kernel (cpu_attention.py)
+        pack_kernel_tensors(model)  # the kernels' weights on 2 MB pages: fewer TLB misses (huge_pages.py)
     return model.eval()
 
 

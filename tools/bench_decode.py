@@ -18,12 +18,14 @@ Every variant must produce the same greedy tokens as the first one (checked).
     python tools/bench_decode.py --model /tmp/decode14/smol-g128 --threads 2 --prompt 32 --new 128
     python tools/bench_decode.py --model DIR --variants before,loop-compiled --lm-head-bits 16,8,4 --profile
 
---lm-head-bits and --attention with several values load the model once per combination (a
-compiled step is bound to its model's modules) and run every variant on each, all interleaved.
+--lm-head-bits, --attention, --fuse and --huge-pages with several values load the model once per
+combination (a compiled step is bound to its model's modules) and run every variant on each, all
+interleaved.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import statistics
@@ -129,6 +131,10 @@ def main(argv=None) -> int:
                    help="comma list: 'layers' (q/k/v and gate/up as one kernel call each, bluelm_quant.fuse, and each "
                         "decoder layer's decode step as two extension calls, bluelm_quant.cpu_decode: as the chat CLI "
                         "runs it), 'on' (the fused projections only), 'off' (default layers; 'before' is always off)")
+    p.add_argument("--huge-pages", default="on",
+                   help="comma list: 'on' (the quantized layers' tensors in one arena on transparent huge pages, "
+                        "bluelm_quant.huge_pages, as load_quantized and fuse_projections leave them), 'off' (where "
+                        "loading put them, on 4 KB pages) (default on; 'before' is always off)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table for each variant")
     args = p.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -161,27 +167,34 @@ def main(argv=None) -> int:
     fuses = [f.strip() for f in args.fuse.split(",") if f.strip()]
     if not fuses or any(f not in ("layers", "on", "off") for f in fuses):
         p.error(f"--fuse {args.fuse}: use a comma list of layers, on, off")
+    pages = [v.strip() for v in args.huge_pages.split(",") if v.strip()]
+    if not pages or any(v not in ("on", "off") for v in pages):
+        p.error(f"--huge-pages {args.huge_pages}: use a comma list of on, off")
     from bluelm_quant import cpu_attention  # noqa: F401  (registers bluelm_cpu and bluelm_cpu_matmul)
+    from bluelm_quant import huge_pages
     from bluelm_quant.cpu_decode import enable_decode_layers
     from bluelm_quant.fuse import fuse_projections
 
     runners, reference = {}, {}
-    for bits, attn, fuse in itertools.product(heads, attentions, fuses):
-        model = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
-        if attn != "loaded":
-            model.set_attn_implementation(attn)
-        if fuse in ("on", "layers"):
-            fuse_projections(model)
+    for bits, attn, fuse, page in itertools.product(heads, attentions, fuses, pages):
+        with huge_pages.disabled() if page == "off" else contextlib.nullcontext():
+            model = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
+            if attn != "loaded":
+                model.set_attn_implementation(attn)
+            if fuse in ("on", "layers"):
+                fuse_projections(model)
         if fuse == "layers":
             enable_decode_layers(model)
         for name in names:
             label = name + (f" h{bits}" if len(heads) > 1 else "") + (f" {attn}" if len(attentions) > 1 else "")
             label += {"off": " unfused", "on": " fused", "layers": " layers"}[fuse] if len(fuses) > 1 else ""
+            label += " 4k-pages" if page == "off" and len(pages) > 1 else ""
             if name == "before":  # SDPA, as models were loaded before issue 14; its own model
                 label = "before" + (f" h{bits}" if len(heads) > 1 else "")
                 if label in runners:
                     continue
-                model_before = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
+                with huge_pages.disabled():
+                    model_before = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
                 model_before.set_attn_implementation("sdpa")
                 runners[label] = (bits, make_runner(name, model_before, args))
             else:

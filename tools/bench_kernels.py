@@ -14,6 +14,7 @@ int4 CPU kernel, at 1 and 2 threads; then the int8 lm_head kernel (--heads).
   python tools/bench_kernels.py --device cuda --json bench.json
   python tools/bench_kernels.py --device cpu
   python tools/bench_kernels.py --device cpu --shapes 576x1536 --m 1,8 --threads 1 --heads ""
+  python tools/bench_kernels.py --device cpu --shapes 4096x11008,11008x4096 --m 1 --heads "" --huge-pages
 """
 from __future__ import annotations
 
@@ -223,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--isa", default=None,
                    help="CPU: comma-separated kernel bodies to time, the first one in the GB/s columns (default: "
                         f"the best this CPU runs and the lower SIMD ones; from {', '.join(ops.CPU_ISAS)})")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="CPU: also time the first body on the same 4-bit weights packed into one arena on transparent "
+                        "huge pages, as load_quantized leaves a model's (bluelm_quant.huge_pages)")
     p.add_argument("--heads", default=CPU_HEADS, help="CPU: comma-separated NxK int8 lm_head shapes ('' for none)")
     p.add_argument("--stat", choices=("median", "best"), default="median",
                    help="CPU: the median of the timed repetitions, or the fastest (a busy machine's quiet moments)")

@@ -12,7 +12,12 @@ pool, the same size of read at the same moments, so a busy machine slows both al
 with 2 threads is no bar on a loaded machine: its OpenMP region waits for a descheduled
 thread, ~16 ms a call measured.) torch.sum and read_probe over 1 GiB are printed per thread
 count for reference. --stat best reports the fastest repetition instead of the median: what
-the code does when the machine is momentarily quiet.
+the code does when the machine is momentarily quiet. --huge-pages adds the first body on copies of
+the weights on 4 KB pages ("4k") and packed into one arena on transparent huge pages, as loaded
+models hold them (bluelm_quant.huge_pages; "2M"), timed in the same loop. Those two read copies of
+their own: the other variants share theirs within a repetition (the body columns and ops.gemm read
+copy r together), so the second reader of a copy may find it in the L3 (measured: the first body's
+4096x11008 M=1 time 2.0 -> 1.7 ms at 2 threads once ops.gemm was timed beside it).
 """
 from __future__ import annotations
 
@@ -23,8 +28,11 @@ import time
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from bluelm_quant import int8_ops, ops
+from bluelm_quant.huge_pages import pack_kernel_tensors
+from bluelm_quant.nn import QuantLinear
 from bluelm_quant.placement import Int8Linear
 
 ROTATE_BYTES = 400 << 20  # > the 300 MB L3 of the dev machine's Xeon
@@ -90,6 +98,20 @@ def random_4bit(k: int, n: int, group_size: int):
     return qweight, qzeros, scales, g_idx, ops.prepare(qweight, qzeros, scales, g_idx, 4)
 
 
+def page_copies(layers: list, k: int, n: int, group_size: int) -> dict:
+    """random_4bit's layers copied twice, (qweight, qzeros, scales) each: {"4k": plain allocations,
+    "2M": one huge-page arena, as pack_kernel_tensors leaves a loaded model's}."""
+    packed = nn.ModuleList()
+    for qweight, qzeros, scales, g_idx, _ in layers:
+        q = QuantLinear(k, n, 4, group_size, dtype=scales.dtype, device="meta")
+        q.qweight, q.qzeros, q.scales, q.g_idx = qweight.clone(), qzeros.clone(), scales.clone(), g_idx
+        q.post_init()
+        packed.append(q)
+    plain = [(q.qweight, q.qzeros, q.scales) for q in packed]  # the clones stay: the 4 KB-page copies
+    pack_kernel_tensors(packed)
+    return {"4k": plain, "2M": [(q.qweight, q.qzeros, q.scales) for q in packed]}
+
+
 def bytes_4bit(m: int, k: int, n: int, group_size: int) -> int:
     groups = -(-k // group_size)
     return k * n // 2 + groups * n // 2 + groups * n * 4 + m * k * 4 + m * n * 4
@@ -120,6 +142,7 @@ def bench_4bit(args, threads: int, notes: set) -> list:
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.lower().split("x"))
         layers = [random_4bit(k, n, gs) for _ in range(copies_for(k * n // 2))]
+        pages = page_copies(layers, k, n, gs) if args.huge_pages else {}
         dense = [torch.randn(k, n) for _ in range(copies_for(4 * k * n))]
         dense16 = [w.to(torch.bfloat16) for w in dense[: copies_for(2 * k * n)]]
         int4, why = int4pack_copies(k, n, gs, copies_for(k * n // 2))
@@ -135,6 +158,8 @@ def bench_4bit(args, threads: int, notes: set) -> list:
                 for isa in args.isa
             }
             variants["ops.gemm"] = [lambda L=L: ops.gemm(x, L[4]) for L in layers]
+            for name, copies in pages.items():
+                variants[name] = [with_isa(args.isa[0], lambda c=c: op(x, *c, None, gs, None)) for c in copies]
             variants["read"] = [lambda r=r: torch.ops.bluelm_quant.read_probe(r) for r in reads]
             variants["fp32"] = [lambda w=w: torch.matmul(x, w) for w in dense]
             variants["bf16"] = [lambda w=w: torch.matmul(x16, w) for w in dense16]
@@ -156,11 +181,16 @@ def bench_4bit(args, threads: int, notes: set) -> list:
             other = " ".join(f"{t[i] * 1e3:9.3f}" for i in args.isa[1:])
             i4 = f"{t['int4'] * 1e3:9.3f}" if "int4" in t else f"{'-':>9}"
             per_row = f"{row['per_row_speedup_vs_m1']:6.2f}x" if row["per_row_speedup_vs_m1"] else f"{'-':>7}"
+            huge_cols = ""
+            if pages:
+                row.update({f"gbs_{name}": bytes_4bit(m, k, n, gs) / t[name] / 1e9 for name in pages})
+                huge_cols = (f" {t['4k'] * 1e3:9.3f} {t['2M'] * 1e3:9.3f} {row['gbs_4k']:6.1f} {row['gbs_2M']:6.1f} "
+                             f"{t['4k'] / t['2M']:6.2f}x")
             print(f"{shape:>11} {m:3d} {threads:3d} {t[best] * 1e3:9.3f} {gbs:6.1f} {read_gbs:6.1f} "
                   f"{100 * gbs / read_gbs:4.0f}% "
                   f"{other} {t['ops.gemm'] * 1e3:9.3f} {t['fp32'] * 1e3:9.3f} {t['bf16'] * 1e3:9.3f} {i4} "
-                  f"{t['fp32'] / t[best]:6.1f}x {per_row}", flush=True)
-        del layers, dense, dense16, int4, reads
+                  f"{t['fp32'] / t[best]:6.1f}x {per_row}{huge_cols}", flush=True)
+        del layers, pages, dense, dense16, int4, reads
     return rows
 
 
@@ -236,7 +266,8 @@ def bench_cpu(args) -> dict:
                 print(f"{'4-bit K x N':>11} {'M':>3} {'thr':>3} {args.isa[0] + ' ms':>9} {'GB/s':>6} {'read':>6} "
                       f"{'%bw':>5}"
                       f"{others} {'ops.gemm':>9} {'fp32 ms':>9} {'bf16 ms':>9} {'int4 ms':>9} {'vs fp32':>7} "
-                      f"{'row/M=1':>7}")
+                      f"{'row/M=1':>7}"
+                      + (f" {'4k ms':>9} {'2M ms':>9} {'4k GB/s':>6} {'2M GB/s':>6} {'2M/4k':>7}" if args.huge_pages else ""))
                 result["rows_4bit"] += bench_4bit(args, threads, notes)
             if args.heads:
                 print(f"{'int8 N x K':>11} {'M':>3} {'thr':>3} {'int8 ms':>9} {'GB/s':>6} {'read':>6} {'%bw':>5} "
@@ -249,5 +280,7 @@ def bench_cpu(args) -> dict:
     print(f"columns: {args.stat} of {args.iters}; read = read_probe GB/s over the weights' bytes; "
           "%bw = GB/s of the first body / read; "
           "row/M=1 = (M x the M=1 time) / this time; chunked = Int8Linear's dequantize + matmul path; "
-          "int4/int8pack = torch's own CPU kernels (int4: bf16 x)")
+          "int4/int8pack = torch's own CPU kernels (int4: bf16 x)"
+          + ("; 4k / 2M = the first body on copies of its own, plain / in a huge-page arena (bluelm_quant.huge_pages), "
+             "2M/4k = their speedup" if args.huge_pages else ""))
     return result
