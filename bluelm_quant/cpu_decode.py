@@ -130,6 +130,11 @@ def prepare_cpu_decode(model: nn.Module) -> tuple[int, int]:
     return fuse_projections(model), enable_decode_layers(model)
 
 
+def decode_layers_enabled(model: nn.Module) -> int:
+    """How many of the model's layers run their decode step through the ops."""
+    return sum("_decode_parts" in m.__dict__ for m in model.modules())
+
+
 def disable_decode_layers(model: nn.Module) -> None:
     """Undo enable_decode_layers: every layer runs its own forward again."""
     for module in model.modules():
@@ -185,5 +190,5 @@ def _decode_forward(self, hidden_states: torch.Tensor, attention_mask=None, posi
     return y.view(batch, 1, -1)
 
 
-__all__ = ["LayerParts", "disable_decode_layers", "enable_decode_layers", "layer_parts", "ops_available",
+__all__ = ["LayerParts", "decode_layers_enabled", "disable_decode_layers", "enable_decode_layers", "layer_parts", "ops_available",
            "prepare_cpu_decode"]
