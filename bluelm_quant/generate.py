@@ -100,6 +100,21 @@ def _compile_mode(device: torch.device) -> str:
     return "reduce-overhead" if device.type == "cuda" else "default"  # CUDA graphs / plain inductor
 
 
+def _compile_options(model, device: torch.device, mode: str | None) -> dict:
+    """torch.compile's options for a decode step of `model` (a mode's options: torch takes a mode or
+    options, not both)."""
+    options = dict(torch._inductor.list_mode_options(mode or _compile_mode(device)))
+    if device.type == "cpu" and cpu_decode.decode_layers_enabled(model):
+        # The step's wrapper in C++ instead of Python: with the decode-layer ops a layer is three op
+        # calls and one small kernel, and the Python wrapper calling them was ~2 ms of a ~12 ms SmolLM2
+        # step. Measured side by side (SmolLM2 g64, int8 head, 2 threads, 7 rounds): 88.0 -> 97.9
+        # tok/s, ahead in every round; the first compile 122 s instead of 11 (later runs hit
+        # inductor's on-disk cache: 9 s). Not without the ops: that graph's C++ wrapper was still
+        # compiling after 6 minutes.
+        options["cpp_wrapper"] = True
+    return options
+
+
 def _compile_step_of_one_model(step, device: torch.device, mode: str | None):
     """torch.compile of a Generator's bound `step`, without guards on the model's modules.
 
@@ -113,16 +128,8 @@ def _compile_step_of_one_model(step, device: torch.device, mode: str | None):
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(step.__self__):x}")
     own = types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__),
                            step.__self__)
-    options = dict(torch._inductor.list_mode_options(mode or _compile_mode(device)))  # mode or options, not both
+    options = _compile_options(step.__self__.model, device, mode)
     options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    if device.type == "cpu" and cpu_decode.decode_layers_enabled(step.__self__.model):
-        # The step's wrapper in C++ instead of Python: with the decode-layer ops a layer is three op
-        # calls and one small kernel, and the Python wrapper calling them was ~2 ms of a ~12 ms SmolLM2
-        # step. Measured side by side (SmolLM2 g64, int8 head, 2 threads, 7 rounds): 88.0 -> 97.9
-        # tok/s, ahead in every round; the first compile 122 s instead of 11 (later runs hit
-        # inductor's on-disk cache: 9 s). Not without the ops: that graph's C++ wrapper was still
-        # compiling after 6 minutes.
-        options["cpp_wrapper"] = True
     return torch.compile(own, dynamic=False, options=options)
 
 
@@ -208,7 +215,8 @@ def fast_generate_config(model, compile: bool = False, max_cache_len: int | None
         kwargs["max_cache_len"] = int(max_cache_len)
     if compile:
         # All guards kept: transformers compiles model.__call__, whose code object every model shares.
-        config = CompileConfig(fullgraph=False, dynamic=False, mode=_compile_mode(model_device(model)))
+        config = CompileConfig(fullgraph=False, dynamic=False, mode=None,
+                               options=_compile_options(model, model_device(model), None))
         config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
         kwargs["compile_config"] = config
     else:
