@@ -13,8 +13,10 @@ layer's single-position forward:
 
 (quant_cuda/cpu_decode_layer.cpp). The cache and attention stay transformers' own, so any cache
 class, mask and attention implementation keeps working, and `model.generate` and our Generator
-loop (compiled or not) take the same path. Everything else (prefill, training, other dtypes
-and devices, a layer whose kernel plans are not made yet) runs the layer's own forward.
+loop (compiled or not) take the same path. Everything else runs the layer's own forward: prefill,
+training or gradients enabled, autocast, other dtypes and devices, a layer whose kernel plans are
+not made yet, and a layer whose modules were replaced or carry forward hooks since (the ops would
+skip them: user hooks, accelerate's, transformers' capture of output_attentions).
 
 What qualifies: LLaMA and BlueLM decoder layers (the same arithmetic: RMSNorm in fp32,
 rotate-half RoPE, SiLU-gated MLP) whose q/k/v and gate/up are fused (fuse.fuse_projections: the
@@ -68,6 +70,20 @@ class LayerParts(NamedTuple):
     post_attention_norm: nn.Module
     heads: int
     kv_heads: int
+    # (parent, attribute, module) of every module the ops stand in for: replaced or hooked since,
+    # the layer runs its own forward (_untouched)
+    bound: tuple
+    bypassed: tuple  # those modules and the fused layers behind the members
+
+
+def _untouched(parts: LayerParts) -> bool:
+    """The layer still holds the modules its parts were taken from, and no forward hook watches any of
+    them (user hooks, accelerate's, transformers' output_attentions capture): the ops would skip
+    those hooks, so the layer's own forward runs instead."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return (all(getattr(parent, name) is module for parent, name, module in parts.bound)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in parts.bypassed))
 
 
 def _fused_group(members: list[nn.Module]) -> QuantLinear | None:
@@ -97,8 +113,12 @@ def layer_parts(layer: nn.Module, config) -> LayerParts | None:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     if qkv.out_features != (heads + 2 * kv_heads) * attn.head_dim:
         return None
+    slots = [(layer, "self_attn"), (layer, "mlp"), (layer, "input_layernorm"), (layer, "post_attention_layernorm"),
+             (attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"),
+             (mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")]
+    bound = tuple((parent, name, getattr(parent, name)) for parent, name in slots)
     return LayerParts(qkv, attn.o_proj, gate_up, mlp.down_proj, layer.input_layernorm, layer.post_attention_layernorm,
-                      heads, kv_heads)
+                      heads, kv_heads, bound, tuple(m for _, _, m in bound) + (qkv, gate_up))
 
 
 def enable_decode_layers(model: nn.Module) -> int:
@@ -113,6 +133,8 @@ def enable_decode_layers(model: nn.Module) -> int:
         return 0
     enabled = 0
     for layer in model.get_submodule(spec.layers):
+        if "forward" in layer.__dict__ and "_decode_parts" not in layer.__dict__:
+            continue  # another wrapper's forward (accelerate's hooks put one there): left alone
         parts = layer_parts(layer, model.config)
         if parts is None:
             continue
@@ -139,7 +161,9 @@ def disable_decode_layers(model: nn.Module) -> None:
     """Undo enable_decode_layers: every layer runs its own forward again."""
     for module in model.modules():
         if "_decode_parts" in module.__dict__:
-            del module.__dict__["_decode_parts"], module.__dict__["forward"]
+            del module.__dict__["_decode_parts"]
+            if getattr(module.__dict__.get("forward"), "__func__", None) is _decode_forward:
+                del module.__dict__["forward"]
 
 
 def _kernel_args(plan: ops.GemmPlan) -> list:
@@ -147,8 +171,7 @@ def _kernel_args(plan: ops.GemmPlan) -> list:
 
 
 def _plans(parts: LayerParts, x: torch.Tensor) -> tuple | None:
-    """The four Linears' GemmPlans when each applies to this step's activations (fp32, CPU, no
-    gradient), else None: the layer's own forward runs and makes them (the first call's self-check)."""
+    """The four Linears' GemmPlans when each applies to this step's activations (fp32, CPU), else None: the layer's own forward runs and makes them (the first call's self-check)."""
     rows = x.shape[0]
     plans = tuple(m._plan for m in (parts.qkv, parts.o, parts.gate_up, parts.down))
     if all(isinstance(p, ops.GemmPlan) and ops.plan_ready(p, x.device, x.dtype, rows) for p in plans):
@@ -160,11 +183,13 @@ def _decode_forward(self, hidden_states: torch.Tensor, attention_mask=None, posi
                     use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
     parts: LayerParts = self._decode_parts
     plans = None
+    # The ops have no backward and compute in fp32 outside autocast: otherwise the layer's own forward.
     if (hidden_states.dim() == 3 and hidden_states.shape[1] == 1 and hidden_states.device.type == "cpu"
-            and hidden_states.dtype == torch.float32 and not self.training
-            and not (hidden_states.requires_grad and torch.is_grad_enabled())
+            and hidden_states.dtype == torch.float32 and not self.training and not self.self_attn.training
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and past_key_values is not None and position_embeddings is not None
-            and parts.input_norm.weight.dtype == parts.post_attention_norm.weight.dtype == torch.float32):
+            and parts.input_norm.weight.dtype == parts.post_attention_norm.weight.dtype == torch.float32
+            and _untouched(parts)):
         plans = _plans(parts, hidden_states)
     if plans is None:
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,

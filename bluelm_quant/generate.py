@@ -137,7 +137,9 @@ class Generator:
     """Greedy decoding of fixed-size batches into a StaticCache of `max_len` positions.
 
     compile: wrap the decode step in torch.compile (mode "reduce-overhead" = CUDA graphs
-    on CUDA; plain inductor on the CPU). The prefill always runs eagerly: its shape changes
+    on CUDA; plain inductor on the CPU, with a C++ wrapper when the model's layers run the
+    decode-layer ops: the first compile then takes ~2 minutes on 2 cores, later processes reuse
+    inductor's on-disk cache). The prefill always runs eagerly: its shape changes
     with the prompt and compiling it would recompile per prompt length.
     threads (CPU): the kernels' thread count inside `model_decode_threads` (default: torch's
     count when generate() is called).

@@ -285,7 +285,8 @@ def plan_applies(plan: GemmPlan, x: torch.Tensor) -> bool:
 
 def plan_ready(plan: GemmPlan, device: torch.device, dtype: torch.dtype, rows: int) -> bool:
     """Whether the plan's kernel call still stands for `rows` rows of activations of this device and
-    dtype, with no gradient (cpu_decode.py hands plans to its ops; plan_applies for one x)."""
+    dtype (cpu_decode.py hands plans to its ops; plan_applies for one x, with its gradient check).
+    Gradients are the caller's to rule out: the kernels have no backward."""
     state = kernel_check.STATE
     return (
         dtype == plan.dtype

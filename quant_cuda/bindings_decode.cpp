@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -36,9 +37,10 @@ Linear linear(const char* op, const char* name, const LinearList& list, int64_t 
   const std::optional<Tensor> qw = list.get(0), qz = list.get(1), sc = list.get(2), perm = list.get(3),
                               bias = list.get(4);
   TORCH_CHECK(qw && qz && sc, op, ": ", name, ": qweight, qzeros and scales must be tensors");
-  const Layer L = check_layer(op, *qw, *qz, *sc, group_size);
-  TORCH_CHECK(qw->device().is_cpu(), op, ": ", name, " must be on the CPU, got ", qw->device());
-  check_fp32_cpu(op, "scales", *sc);
+  const std::string where = c10::str(op, " (", name, ")");  // which of the op's Linears a message is about
+  const Layer L = check_layer(where.c_str(), *qw, *qz, *sc, group_size);
+  TORCH_CHECK(qw->device().is_cpu(), where, ": must be on the CPU, got ", qw->device());
+  check_fp32_cpu(where.c_str(), "scales", *sc);
   Linear out;
   out.hold = {qw->contiguous(), qz->contiguous(), sc->contiguous()};
   const int32_t* perm_ptr = nullptr;
@@ -54,7 +56,7 @@ Linear linear(const char* op, const char* name, const LinearList& list, int64_t 
   }
   const float* bias_ptr = nullptr;
   if (bias) {
-    check_fp32_cpu(op, "bias", *bias);
+    check_fp32_cpu(where.c_str(), "bias", *bias);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == L.N, op, ": ", name, " bias must be [N] = [", L.N, "], got ",
                 bias->sizes());
     out.hold.push_back(bias->contiguous());
@@ -81,11 +83,12 @@ std::tuple<Tensor, Tensor, Tensor> decode_qkv(const Tensor& x_in, const Tensor& 
   check_hidden(op, x_in, norm_in);
   check_fp32_cpu(op, "cos", cos_in);
   check_fp32_cpu(op, "sin", sin_in);
-  const int64_t B = x_in.size(0), H = x_in.size(1), D = cos_in.size(-1);
-  const int64_t rows = D > 0 ? cos_in.numel() / D : 0;
-  TORCH_CHECK(cos_in.sizes() == sin_in.sizes() && D >= 2 && D % 2 == 0 && (rows == 1 || rows == B), op,
-              ": cos and sin must be one row of head_dim (even) values per batch entry or one for all, [B or 1, 1, D], "
+  const int64_t B = x_in.size(0), H = x_in.size(1);
+  TORCH_CHECK(cos_in.dim() == 3 && cos_in.sizes() == sin_in.sizes() && cos_in.size(1) == 1 &&
+                  (cos_in.size(0) == 1 || cos_in.size(0) == B) && cos_in.size(2) >= 2 && cos_in.size(2) % 2 == 0,
+              op, ": cos and sin must be one row of head_dim (even) values per batch entry or one for all, [B or 1, 1, D], "
               "got cos ", cos_in.sizes(), ", sin ", sin_in.sizes(), " for B=", B);
+  const int64_t D = cos_in.size(2), rows = cos_in.size(0);
   TORCH_CHECK(heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0, op, ": heads=", heads, " must be a multiple of kv_heads=",
               kv_heads);
   const Linear qkv = linear(op, "qkv", qkv_in, group_size);

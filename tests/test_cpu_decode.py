@@ -9,10 +9,11 @@ from bluelm_quant.config import QuantConfig
 from bluelm_quant.fuse import fuse_projections
 from bluelm_quant.generate import Generator, fast_generate_config
 from bluelm_quant.loading import load_quantized
-from bluelm_quant.nn import QuantLinear
+from bluelm_quant.nn import QuantLinear, replace_linear
 from bluelm_quant.quantizer import rtn
 
-from tiny_models import save_tiny_4bit, tokens
+from bluelm_fixtures import tiny_model as tiny_bluelm
+from tiny_models import save_tiny_4bit, tiny_llama, tokens
 
 pytestmark = [pytest.mark.skipif(not cpu_decode.ops_available(), reason="needs the compiled quant_cuda extension"),
               pytest.mark.usefixtures("one_thread")]
@@ -30,6 +31,8 @@ def isa():
 
     def use(name):
         chosen.append(ops.set_cpu_isa(name))
+        if chosen[-1] != name:
+            pytest.skip(f"this CPU does not run the {name} body")
         return chosen[-1]
 
     yield use
@@ -130,7 +133,10 @@ def test_model_decodes_the_same_tokens_through_the_ops(saved_tiny):
     torch._dynamo.utils.counters.clear()
     compiled = Generator(fused, max_len=24, compile=True)
     assert torch.equal(compiled.generate(ids, 12).tokens, ref)
-    assert torch.equal(compiled.generate(ids, 12).tokens, ref)
+    with torch.profiler.profile() as prof:
+        assert torch.equal(compiled.generate(ids, 12).tokens, ref)
+    names = [e.name for e in prof.events()]
+    assert names.count("bluelm_quant::decode_qkv") == names.count("bluelm_quant::decode_o_mlp") == 2 * 11  # 11 steps
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not torch._dynamo.utils.counters["graph_break"]
 
@@ -218,3 +224,74 @@ def test_bad_arguments_are_named_in_one_line():
     with pytest.raises(RuntimeError, match="shapes do not chain"):
         mlp(x, x, args(quant_linear(hidden, hidden)), 32, norm, 1e-5, args(quant_linear(96, hidden)), 32,
             args(quant_linear(hidden, 64)), 32)
+
+
+def quantized(model):
+    """The model with every decoder Linear 4-bit (round to nearest, group 32), in memory."""
+    replace_linear(model, QuantConfig(bits=4, group_size=32, sym=False), quantize=True)
+    return model.requires_grad_(False)
+
+
+def decode_logits(model, ids, steps=4) -> tuple:
+    """Logits of `steps` single-position steps after the prompt ids, and the decode ops' call count."""
+    with torch.inference_mode():
+        cache = model(ids, use_cache=True).past_key_values
+        out, calls = [], 0
+        for i in range(steps):
+            step, qkv_calls, _ = op_calls(model, ids[:, -1:] if i == 0 else out[-1].argmax(-1), past_key_values=cache,
+                                          use_cache=True)
+            out.append(step.logits[:, -1:])
+            calls += qkv_calls
+    return torch.cat(out, 1), calls
+
+
+@pytest.mark.parametrize("family", ["bluelm", "llama-head-dim-bias"])
+def test_bluelm_and_llama_variants_run_the_ops(family):
+    """BlueLM's own layer classes; a LLaMA whose head_dim is not hidden / heads, with biases everywhere."""
+    make = {"bluelm": lambda: tiny_bluelm(seed=3),
+            "llama-head-dim-bias": lambda: tiny_llama(seed=3, head_dim=32, attention_bias=True, mlp_bias=True)}[family]
+    plain, fast = quantized(make()), quantized(make())
+    assert torch.equal(plain.model.layers[0].self_attn.o_proj.qweight, fast.model.layers[0].self_attn.o_proj.qweight)
+    fuse_projections(fast)
+    assert cpu_decode.enable_decode_layers(fast) == 2
+    ids = tokens(batch=1, seq=6, vocab=100)
+    want, _ = decode_logits(plain, ids)
+    got, calls = decode_logits(fast, ids)
+    assert calls == 4 * 2
+    close(got, want)
+
+
+def test_what_the_ops_would_skip_keeps_the_layers_own_forward(saved_tiny):
+    """Hooks, replaced modules, output_attentions, autocast and gradients: the layer's own forward."""
+    fast = load_quantized(saved_tiny, dtype=torch.float32)
+    fuse_projections(fast)
+    cpu_decode.enable_decode_layers(fast)
+    ids = tokens(batch=1, seq=5)
+    layer = fast.model.layers[0]
+
+    def qkv_calls(**kwargs):
+        with torch.inference_mode():
+            cache = fast(ids, use_cache=True).past_key_values
+            out, calls, _ = op_calls(fast, ids[:, -1:], past_key_values=cache, use_cache=True, **kwargs)
+        return out, calls
+
+    assert qkv_calls()[1] == 2
+    seen = []
+    handle = layer.self_attn.o_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert qkv_calls()[1] == 1 and seen  # layer 0 ran its own forward and the hook saw its o_proj
+    handle.remove()
+    assert qkv_calls()[1] == 2
+    original = layer.post_attention_layernorm
+    layer.post_attention_layernorm = type(original)(original.weight.shape[0], eps=original.variance_epsilon)
+    assert qkv_calls()[1] == 1  # the replaced norm is used, not the one the ops were given
+    layer.post_attention_layernorm = original
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert qkv_calls()[1] == 0
+    with torch.no_grad():
+        cache = fast(ids, use_cache=True).past_key_values
+    _, calls, _ = op_calls(fast, ids[:, -1:], past_key_values=cache, use_cache=True)  # gradients enabled
+    assert calls == 0
+    # last: transformers hooks the attention modules to collect attentions, and the hooks stay
+    fast.set_attn_implementation("eager")  # the attention that returns its weights
+    out, calls = qkv_calls(output_attentions=True)
+    assert calls == 0 and len(out.attentions) == 2

@@ -3,7 +3,8 @@
 
 All variants run in one process on one loaded model, interleaved round by round (a shared
 machine's load then hits them alike); the table gives medians, and the load average is printed.
-Every variant must produce the same greedy tokens as the first one (checked).
+Every variant should produce the same greedy tokens as the first one: where one does not, the first
+round says from which new token on (the decode-layer ops agree with the others to rounding only).
 
   before            model.generate as the chat path ran it before issue 14: DynamicCache, SDPA,
                     torch's ops and the kernels on --threads, every QuantLinear call through
@@ -211,8 +212,12 @@ def main(argv=None) -> int:
             if r == 0:
                 print(f"  {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
             first = reference.setdefault(bits, (name, tokens))  # the heads differ: same tokens within a head
-            if not torch.equal(tokens.cpu(), first[1].cpu()):
-                raise SystemExit(f"{name} generated other tokens than {first[0]}: the decode loops disagree")
+            if r == 0 and not torch.equal(tokens.cpu(), first[1].cpu()):
+                # The decode-layer ops agree with the other paths to rounding, not bit for bit: a near
+                # tie may pick another greedy token some way in. Said, not fatal (tests check the ops).
+                at = int((tokens.cpu() != first[1].cpu()).any(dim=0).nonzero()[0]) - args.prompt
+                print(f"  note: {name} generated other tokens than {first[0]} from new token {at} on",
+                      file=sys.stderr, flush=True)
             if r:
                 times[name]["prefill"].append(args.prompt / prefill_s)
                 times[name]["decode"].append((args.new - 1) / decode_s)
