@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,19 @@ def child(args) -> int:
 # --- the parent: interleaved rounds, one table --------------------------------------------------
 
 
+def exit_reason(code: int) -> str:
+    """A child's exit status in words; SIGILL with what to do (a llama.cpp wheel built with
+    -march=native on a CPU with AMX crashed that way here, in ggml's AMX path)."""
+    if code >= 0:
+        return f"exit {code}"
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    if -code == signal.SIGILL:
+        return (f"killed by {name}: an instruction this CPU does not run; rebuild llama-cpp-python without AMX: "
+                "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF "
+                "-DGGML_AMX_INT8=OFF\" pip install --no-cache-dir --force-reinstall llama-cpp-python==0.3.36")
+    return f"killed by {name}"
+
+
 class Child:
     def __init__(self, name: str, args, ids: list[int]):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--quant", args.quant or "",
@@ -131,7 +145,7 @@ class Child:
         line = self.proc.stdout.readline()
         if not line:
             err = self.proc.stderr.read()[-3000:]
-            raise SystemExit(f"{self.name}: the engine's process failed (exit {self.proc.wait()}):\n{err}")
+            raise SystemExit(f"{self.name}: the engine's process failed ({exit_reason(self.proc.wait())}):\n{err}")
         return json.loads(line)
 
     def ask(self, command: str) -> dict:
