@@ -18,11 +18,11 @@ The prompt is the same token ids for both (a fixed English text cut to --prompt 
 checkpoint's tokenizer; the SmolLM2 GGUF has the same vocabulary).
 
     python tools/bench_cpu_vs_llamacpp.py --quant /tmp/decode14/smol-g128 --threads 2
-    python tools/bench_cpu_vs_llamacpp.py --quant DIR --gguf model-q4_0.gguf --engines ours-compiled,llama.cpp
+    python tools/bench_cpu_vs_llamacpp.py --quant DIR --gguf-type q4_0 --engines ours-compiled,llama.cpp
 
 llama-cpp-python builds from source on this kind of machine (`pip install llama-cpp-python==0.3.36`,
-~25 min on 2 cores); its Python API can requantize a GGUF (llama_cpp.llama_model_quantize) if a
-Q4_0 file is wanted.
+~25 min on 2 cores). --gguf-type q4_0 requantizes the GGUF with its Python API
+(llama_cpp.llama_model_quantize; the demo's is Q4_1) into the bluelm-quant cache, once.
 """
 from __future__ import annotations
 
@@ -120,6 +120,37 @@ def child(args) -> int:
 # --- the parent: interleaved rounds, one table --------------------------------------------------
 
 
+GGUF_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+
+
+def requantized_gguf(src: str, kind: str, threads: int) -> str:
+    """`src` requantized to `kind` by llama.cpp, made once into the bluelm-quant cache (written
+    under a temporary name and renamed, so an interrupted run leaves no half file)."""
+    import ctypes
+
+    import llama_cpp
+
+    from bluelm_quant.smollm2 import cache_root
+
+    out = cache_root() / f"{os.path.splitext(os.path.basename(src))[0]}-requantized-{kind}.gguf"
+    if out.exists():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, GGUF_TYPES[kind])
+    params.allow_requantize = True
+    params.nthread = threads
+    partial = out.with_name(out.name + f".partial-{os.getpid()}")
+    try:
+        if llama_cpp.llama_model_quantize(src.encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+            raise SystemExit(f"--gguf-type {kind}: llama.cpp could not requantize {src}")
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"requantized {src} to {kind}: {out}", file=sys.stderr)
+    return str(out)
+
+
 def exit_reason(code: int) -> str:
     """A child's exit status in words; SIGILL with what to do (a llama.cpp wheel built with
     -march=native on a CPU with AMX crashed that way here, in ggml's AMX path)."""
@@ -183,6 +214,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quant", help="our 4-bit checkpoint directory (e.g. `python tools/quantize.py --out DIR`)")
     p.add_argument("--gguf", help="llama.cpp model (default: the SmolLM2 Q4_1 GGUF of the demo wheel)")
+    p.add_argument("--gguf-type", choices=sorted(GGUF_TYPES),
+                   help="requantize the GGUF to this type first (cached beside the demo model; llama.cpp's own "
+                        "quantizer, requantizing allowed); default: the GGUF as it is")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
@@ -221,6 +255,8 @@ def main(argv=None) -> int:
         from bluelm_quant.smollm2 import smollm2_gguf
 
         args.gguf = str(smollm2_gguf())
+    if "llama.cpp" in engines and args.gguf_type:
+        args.gguf = requantized_gguf(args.gguf, args.gguf_type, args.threads)
     if not engines:
         p.error("no engine left to run")
 
