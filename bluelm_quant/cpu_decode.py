@@ -70,8 +70,9 @@ class LayerParts(NamedTuple):
     post_attention_norm: nn.Module
     heads: int
     kv_heads: int
-    # (parent, attribute, module) of every module the ops stand in for: replaced or hooked since,
-    # the layer runs its own forward (_untouched)
+    # (parent's _modules dict, name, module) of every module the ops stand in for: replaced or
+    # hooked since, the layer runs its own forward (_untouched; the dicts, not getattr, because
+    # nn.Module's __getattr__ made that check ~25 us a layer)
     bound: tuple
     bypassed: tuple  # those modules and the fused layers behind the members
 
@@ -82,8 +83,13 @@ def _untouched(parts: LayerParts) -> bool:
     those hooks, so the layer's own forward runs instead."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
-    return (all(getattr(parent, name) is module for parent, name, module in parts.bound)
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in parts.bypassed))
+    for modules, name, module in parts.bound:
+        if modules.get(name) is not module:
+            return False
+    for m in parts.bypassed:
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+    return True
 
 
 def _fused_group(members: list[nn.Module]) -> QuantLinear | None:
@@ -116,7 +122,7 @@ def layer_parts(layer: nn.Module, config) -> LayerParts | None:
     slots = [(layer, "self_attn"), (layer, "mlp"), (layer, "input_layernorm"), (layer, "post_attention_layernorm"),
              (attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (attn, "o_proj"),
              (mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")]
-    bound = tuple((parent, name, getattr(parent, name)) for parent, name in slots)
+    bound = tuple((parent._modules, name, getattr(parent, name)) for parent, name in slots)
     return LayerParts(qkv, attn.o_proj, gate_up, mlp.down_proj, layer.input_layernorm, layer.post_attention_layernorm,
                       heads, kv_heads, bound, tuple(m for _, _, m in bound) + (qkv, gate_up))
 
