@@ -177,7 +177,8 @@ def _kernel_args(plan: ops.GemmPlan) -> list:
 
 
 def _plans(parts: LayerParts, x: torch.Tensor) -> tuple | None:
-    """The four Linears' GemmPlans when each applies to this step's activations (fp32, CPU), else None: the layer's own forward runs and makes them (the first call's self-check)."""
+    """The four Linears' GemmPlans when each applies to this step's activations (fp32, CPU), else
+    None: the layer's own forward runs and makes them (the first call's self-check)."""
     rows = x.shape[0]
     plans = tuple(m._plan for m in (parts.qkv, parts.o, parts.gate_up, parts.down))
     if all(isinstance(p, ops.GemmPlan) and ops.plan_ready(p, x.device, x.dtype, rows) for p in plans):
@@ -221,5 +222,5 @@ def _decode_forward(self, hidden_states: torch.Tensor, attention_mask=None, posi
     return y.view(batch, 1, -1)
 
 
-__all__ = ["LayerParts", "decode_layers_enabled", "disable_decode_layers", "enable_decode_layers", "layer_parts", "ops_available",
-           "prepare_cpu_decode"]
+__all__ = ["LayerParts", "decode_layers_enabled", "disable_decode_layers", "enable_decode_layers", "layer_parts",
+           "ops_available", "prepare_cpu_decode"]

@@ -100,11 +100,11 @@ def _compile_mode(device: torch.device) -> str:
     return "reduce-overhead" if device.type == "cuda" else "default"  # CUDA graphs / plain inductor
 
 
-def _compile_options(model, device: torch.device, mode: str | None, cpp_wrapper: bool = True) -> dict:
-    """torch.compile's options for a decode step of `model` (a mode's options: torch takes a mode or
-    options, not both). cpp_wrapper=False: never inductor's C++ wrapper (fast_generate_config)."""
+def _compile_options(model, device: torch.device, mode: str | None) -> dict:
+    """torch.compile's options for a Generator's decode step of `model` (a mode's options: torch
+    takes a mode or options, not both)."""
     options = dict(torch._inductor.list_mode_options(mode or _compile_mode(device)))
-    if cpp_wrapper and device.type == "cpu" and cpu_decode.decode_layers_enabled(model):
+    if device.type == "cpu" and cpu_decode.decode_layers_enabled(model):
         # The step's wrapper in C++ instead of Python: with the decode-layer ops a layer is three op
         # calls and one small kernel, and the Python wrapper calling them was ~2 ms of a ~12 ms SmolLM2
         # step. Measured side by side (SmolLM2 g64, int8 head, 2 threads, 7 rounds): 88.0 -> 97.9
@@ -217,10 +217,10 @@ def fast_generate_config(model, compile: bool = False, max_cache_len: int | None
         kwargs["max_cache_len"] = int(max_cache_len)
     if compile:
         # All guards kept: transformers compiles model.__call__, whose code object every model shares.
-        # No C++ wrapper here: the chat's first reply waited 4.5 min for it instead of 1.5 (SmolLM2,
-        # 2 cores, empty inductor cache), and a conversation that outgrows its cache compiles again.
-        config = CompileConfig(fullgraph=False, dynamic=False, mode=None,
-                               options=_compile_options(model, model_device(model), None, cpp_wrapper=False))
+        # Not Generator's C++ wrapper (_compile_options): with it the chat's first reply waited 4.5 min
+        # instead of 1.5 (SmolLM2, 2 cores, empty inductor cache), and a conversation that outgrows
+        # its cache compiles again.
+        config = CompileConfig(fullgraph=False, dynamic=False, mode=_compile_mode(model_device(model)))
         config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
         kwargs["compile_config"] = config
     else:

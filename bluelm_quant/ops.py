@@ -279,7 +279,7 @@ def plan_applies(plan: GemmPlan, x: torch.Tensor) -> bool:
     return (
         x.shape[-1] == plan.in_features
         and not (x.requires_grad and torch.is_grad_enabled())
-        and plan_ready(plan, x.device, x.dtype, x.numel() // max(1, plan.in_features))
+        and plan_ready(plan, x.device, x.dtype, x.numel() // plan.in_features)
     )
 
 
