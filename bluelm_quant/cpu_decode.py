@@ -37,6 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
 from . import ops
+from .column_blocks import use_column_blocks
 from .extension import quant_cuda
 from .fuse import FusedMember, fuse_projections
 from .models import UnsupportedModelError, spec_for
@@ -151,11 +152,14 @@ def enable_decode_layers(model: nn.Module) -> int:
     return enabled
 
 
-def prepare_cpu_decode(model: nn.Module) -> tuple[int, int]:
+def prepare_cpu_decode(model: nn.Module) -> tuple[int, int, int]:
     """How the chat and the decode benchmarks run a 4-bit model on the CPU: the projections that share
-    an input fused (fuse.fuse_projections), then the decode-layer ops (enable_decode_layers).
-    Returns (groups fused, layers enabled). Inference only: the model can no longer be saved."""
-    return fuse_projections(model), enable_decode_layers(model)
+    an input fused (fuse.fuse_projections), the wide layers' weights in column blocks
+    (column_blocks.use_column_blocks), then the decode-layer ops (enable_decode_layers).
+    Returns (groups fused, layers in column blocks, layers enabled). Inference only: the model can
+    no longer be saved."""
+    fused = fuse_projections(model)
+    return fused, use_column_blocks(model), enable_decode_layers(model)
 
 
 def decode_layers_enabled(model: nn.Module) -> int:

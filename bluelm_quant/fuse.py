@@ -106,7 +106,8 @@ def fuse_layers(layers: list[QuantLinear]) -> QuantLinear:
     widths = [m.out_features for m in layers]
     fused = QuantLinear(first.in_features, sum(widths), first.bits, first.group_size, bias=first.bias is not None,
                         dtype=first.scales.dtype, device="meta")
-    fused.qweight = torch.cat([m.qweight for m in layers], dim=1)  # already in the kernel's row order
+    # already in the kernel's row order; plain columns (a member may hold column blocks: column_blocks.py)
+    fused.qweight = torch.cat([m.quant_layer().column_qweight() for m in layers], dim=1)
     fused.qzeros = torch.cat([m.qzeros for m in layers], dim=1)
     fused.scales = torch.cat([m.scales for m in layers], dim=1)
     fused.g_idx = first.g_idx

@@ -47,9 +47,10 @@ def m_class(m: int) -> int:
 
 
 def describe(key: tuple, path: str) -> str:
-    """A configuration key (device, dtype, bits, group size, act-order, in_features, CPU body) in words."""
-    device, dtype, bits, group_size, act_order, k, cpu_body = key
-    order = ", act-order" if act_order else ""
+    """A configuration key (device, dtype, bits, group size, act-order, column blocks, in_features, CPU
+    body) in words."""
+    device, dtype, bits, group_size, act_order, blocks, k, cpu_body = key
+    order = (", act-order" if act_order else "") + (", column blocks" if blocks else "")
     body = f" ({cpu_body} body)" if cpu_body else ""
     return (f"{device}{body} {str(dtype).replace('torch.', '')}, {bits}-bit, group size {group_size}{order}, "
             f"in_features={k}, {path}")

@@ -4,9 +4,11 @@ Persistent buffers (what a checkpoint holds): qweight, qzeros, scales, g_idx and
 optional bias, in the layout described in qlayer.py. `post_init()` asks ops.prepare for the
 kernel's layout once the tensors are loaded: for act-order layers qweight's rows are
 regrouped in place of the checkpoint's order (one copy of the weights, not two) and the
-permutation is kept as a non-persistent buffer `kernel_perm`. Saving (state_dict) writes
-the standard layout back, bit for bit; loading a state dict builds the kernel layout again.
-So the storage format never depends on the kernel.
+permutation is kept as a non-persistent buffer `kernel_perm`. On the CPU a decode-ready model
+may also hold qweight's words in column blocks (`kernel_block`, set by `use_column_blocks`:
+column_blocks.py); a move to another device goes back to the plain layout. Saving
+(state_dict) writes the standard layout back, bit for bit; loading a state dict builds the
+kernel layout again. So the storage format never depends on the kernel.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from .packing import gptq_tensors, pack_multiple
 from .quantizer import QuantizedWeight, default_g_idx, rtn
 
 
-_TENSOR_NAMES = frozenset({"qweight", "qzeros", "scales", "g_idx", "bias", "kernel_perm", "kernel_group_size"})
+_TENSOR_NAMES = frozenset({"qweight", "qzeros", "scales", "g_idx", "bias", "kernel_perm", "kernel_group_size",
+                           "kernel_block"})
 
 
 class QuantLinear(nn.Module):
@@ -63,6 +66,7 @@ class QuantLinear(nn.Module):
         # and the contiguous group size the kernels run with (None: the reference path).
         self.register_buffer("kernel_perm", None, persistent=False)
         self.kernel_group_size: int | None = None
+        self.kernel_block: int | None = None  # qweight's words in column blocks of this width (CPU)
         # ops.GemmPlan for the activations seen so far (None: not made yet; False: none possible);
         # dropped whenever the tensors change (post_init, .to(), assigning a buffer).
         self._plan: ops.GemmPlan | None | bool = None
@@ -96,7 +100,8 @@ class QuantLinear(nn.Module):
         if qw.scales.shape != self.scales.shape:
             raise ValueError(f"{qw.scales.shape[0]} groups given, layer has {self.scales.shape[0]}")
         device = self.qweight.device
-        self.kernel_perm, self.kernel_group_size = None, None  # the new tensors are in the standard layout
+        # the new tensors are in the standard layout
+        self.kernel_perm, self.kernel_group_size, self.kernel_block = None, None, None
         for name, t in gptq_tensors(qw, self.scales.dtype).items():
             setattr(self, name, t.to(device))
         if bias is not None:
@@ -109,8 +114,8 @@ class QuantLinear(nn.Module):
 
     def post_init(self) -> None:
         """Build the kernel's layout once, after the standard tensors are loaded."""
-        if self.kernel_perm is not None:
-            raise RuntimeError("QuantLinear.post_init() ran twice: qweight is already in the kernel's row order")
+        if self.kernel_perm is not None or self.kernel_block is not None:
+            raise RuntimeError("QuantLinear.post_init() ran twice: qweight is already in the kernel's layout")
         layer = ops.prepare(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
         self.qweight, self.kernel_perm, self.kernel_group_size = layer.qweight, layer.perm, layer.group_size
         self._plan = None
@@ -118,18 +123,29 @@ class QuantLinear(nn.Module):
     def quant_layer(self) -> ops.QLayer:
         """This layer's tensors as ops takes them."""
         return ops.QLayer(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias,
-                          self.kernel_perm, self.kernel_group_size)
+                          self.kernel_perm, self.kernel_group_size, self.kernel_block)
+
+    @torch.no_grad()
+    def use_column_blocks(self, block: int | None) -> None:
+        """Rearrange qweight's words in place (same storage: a huge-page arena stays) into column
+        blocks of width `block` (qlayer.to_column_blocks; a multiple of 8 dividing out_features), or
+        back to the plain layout with None."""
+        if block == self.kernel_block:
+            return
+        plain = self.quant_layer().column_qweight().contiguous()
+        self.qweight.copy_(plain if block is None else ops.to_column_blocks(plain, block))
+        self.kernel_block = block  # also drops the plan, which holds the old layout's view
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.kernel_perm is not None:  # checkpoints hold the input's row order
+        if self.kernel_perm is not None or self.kernel_block is not None:  # checkpoints hold the standard layout
             destination[prefix + "qweight"] = ops.standard_qweight(self.quant_layer())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "qweight" not in state_dict:  # nothing of ours arrives (e.g. PEFT loading adapters)
             return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # The incoming qweight is in the standard order: forget the kernel layout, then rebuild it.
-        self.kernel_perm, self.kernel_group_size = None, None
+        self.kernel_perm, self.kernel_group_size, self.kernel_block = None, None, None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.post_init()
 
@@ -146,7 +162,10 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._plan = None  # .to() / .float() / .cuda(): new tensors, maybe another dtype or device
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        if self.kernel_block is not None and self.qweight.device.type != "cpu":  # column blocks are the CPU kernel's
+            self.use_column_blocks(None)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type

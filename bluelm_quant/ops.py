@@ -43,7 +43,7 @@ from .extension import QuantOpError, warn_once
 from .int8_ops import gemm_int8, int8_kernel_runs
 from .packing import pack_multiple
 from .qlayer import (QLayer, check_activation, check_layer, dequantize, dequantize_reference, gemm_reference, prepare,
-                     repack_rows, standard_qweight)
+                     repack_rows, standard_qweight, to_column_blocks)
 
 # From this many activation rows on, dequantize the whole weight once and call the vendor
 # GEMM instead of the fused kernel.
@@ -68,11 +68,11 @@ CUDA_DEQUANT_MIN_M = 64
 
 
 def _gemm_reference_layer(x: torch.Tensor, layer: QLayer) -> torch.Tensor:
-    """gemm_reference for either layout (a permuted one multiplies the permuted x)."""
+    """gemm_reference for any layout (a permuted one multiplies the permuted x)."""
     if layer.perm is None:
-        return gemm_reference(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.bias)
+        return gemm_reference(x, layer.column_qweight(), layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.bias)
     xp = x.index_select(-1, layer.perm)
-    return gemm_reference(xp, layer.qweight, layer.qzeros, layer.scales, layer.kernel_g_idx(), layer.bits, layer.bias)
+    return gemm_reference(xp, layer.column_qweight(), layer.qzeros, layer.scales, layer.kernel_g_idx(), layer.bits, layer.bias)
 
 
 def backend() -> str:
@@ -167,23 +167,28 @@ def _run_kernel(x2: torch.Tensor, layer: QLayer, dtype: torch.dtype) -> torch.Te
     x2 = x2.to(dtype)
     if x2.shape[0] >= _dequant_min_m(x2.device):
         mm_dtype = dtype if x2.is_cuda else torch.float32  # fp32 SGEMM on the CPU: as accurate as the fused kernel
-        w = torch.ops.bluelm_quant.dequantize_4bit(layer.qweight, layer.qzeros, s, layer.group_size, mm_dtype)
+        w = torch.ops.bluelm_quant.dequantize_4bit(layer.column_qweight(), layer.qzeros, s, layer.group_size, mm_dtype)
         xp = (x2 if layer.perm is None else x2.index_select(1, layer.perm)).to(mm_dtype)
         y = torch.matmul(xp, w) if b is None else torch.addmm(b.to(mm_dtype), xp, w)
     else:
-        y = torch.ops.bluelm_quant.gemm_4bit(x2, layer.qweight, layer.qzeros, s, layer.perm, layer.group_size, b)
+        y = torch.ops.bluelm_quant.gemm_4bit(x2, layer.kernel_qweight(), layer.qzeros, s, layer.perm, layer.group_size, b)
     fault = kernel_check.STATE.fault
     return y if fault is None else fault(y)
 
 
 def _self_check(layer: QLayer, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
     """Every M-path of this configuration on the layer's first CHECK_COLUMNS output columns:
-    {path: (max |kernel - reference|, max |reference|)}."""
+    {path: (max |kernel - reference|, max |reference|)}. A layer in column blocks is checked on
+    those columns in two blocks of their own (the kernel's block addressing, on a small layer)."""
     n = min(layer.qweight.shape[1], kernel_check.CHECK_COLUMNS)
     cols = n * layer.bits // 32
-    part = layer._replace(qweight=layer.qweight[:, :n].contiguous(), qzeros=layer.qzeros[:, :cols].contiguous(),
+    qweight, block = layer.column_qweight(0, n).contiguous(), None
+    if layer.block is not None and n % 16 == 0:
+        block = n // 2
+        qweight = to_column_blocks(qweight, block)
+    part = layer._replace(qweight=qweight, qzeros=layer.qzeros[:, :cols].contiguous(),
                           scales=layer.scales[:, :n].contiguous(),
-                          bias=None if layer.bias is None else layer.bias[:n].contiguous())
+                          bias=None if layer.bias is None else layer.bias[:n].contiguous(), block=block)
     ref_layer = part._replace(scales=part.scales.to(dtype).float(),
                               bias=None if part.bias is None else part.bias.to(dtype).float())
     gen = torch.Generator(device=device).manual_seed(0)
@@ -202,8 +207,8 @@ def _self_check(layer: QLayer, dtype: torch.dtype, device: torch.device) -> dict
 def _config_key(layer: QLayer, device: torch.device, dtype: torch.dtype) -> tuple:
     """The self-check's configuration (kernel_check): what selects kernel code besides the M-path.
     gemm, plan_gemm and dequantize_columns must read the same verdicts, so they share this key."""
-    return (device, dtype, layer.bits, layer.group_size, layer.perm is not None, layer.in_features,
-            cpu_settings.cpu_isa() if device.type == "cpu" else None)
+    return (device, dtype, layer.bits, layer.group_size, layer.perm is not None, layer.block is not None,
+            layer.in_features, cpu_settings.cpu_isa() if device.type == "cpu" else None)
 
 
 def gemm(x: torch.Tensor, layer: QLayer) -> torch.Tensor:
@@ -237,7 +242,7 @@ class GemmPlan(NamedTuple):
 
     device: torch.device
     dtype: torch.dtype
-    qweight: torch.Tensor
+    qweight: torch.Tensor  # as the op takes it (QLayer.kernel_qweight: [N/W, K/8, W] in column blocks)
     qzeros: torch.Tensor
     scales: torch.Tensor  # already in `dtype`
     perm: torch.Tensor | None
@@ -270,7 +275,7 @@ def plan_gemm(x: torch.Tensor, layer: QLayer) -> GemmPlan | None:
     paths = {_path(m, x.device) for m in kernel_check.REPRESENTATIVE_M if m < max_rows}
     if state.enabled and any(state.verdicts.get((key, p), "unchecked") is not None for p in paths):
         return None
-    return GemmPlan(x.device, dtype, layer.qweight, layer.qzeros, layer.scales, layer.perm, layer.group_size,
+    return GemmPlan(x.device, dtype, layer.kernel_qweight(), layer.qzeros, layer.scales, layer.perm, layer.group_size,
                     layer.bias, layer.in_features, layer.qweight.shape[1], max_rows, body, state.epoch)
 
 
@@ -322,7 +327,7 @@ def dequantize_columns(layer: QLayer, start: int, stop: int, dtype: torch.dtype)
     multiple = pack_multiple(bits)
     if not (0 <= start < stop <= n) or start % multiple or stop % multiple:
         raise QuantOpError(f"columns [{start}, {stop}) of N={n}: both ends must be multiples of {multiple} at {bits} bits")
-    qweight = layer.qweight[:, start:stop].contiguous()
+    qweight = layer.column_qweight(start, stop).contiguous()
     qzeros = layer.qzeros[:, start * bits // 32 : stop * bits // 32].contiguous()
     scales = layer.scales[:, start:stop].contiguous()
     if _dequantize_kernel_ok(layer, dtype):
@@ -350,7 +355,7 @@ def _dequantize_kernel_ok(layer: QLayer, dtype: torch.dtype) -> bool:
 def _dequantize_self_check(layer: QLayer, dtype: torch.dtype) -> dict[str, tuple[float, float]]:
     """The compiled dequantize against the reference on the layer's first CHECK_COLUMNS output columns."""
     n = min(layer.qweight.shape[1], kernel_check.CHECK_COLUMNS)
-    qweight, qzeros = layer.qweight[:, :n].contiguous(), layer.qzeros[:, : n * layer.bits // 32].contiguous()
+    qweight, qzeros = layer.column_qweight(0, n).contiguous(), layer.qzeros[:, : n * layer.bits // 32].contiguous()
     scales = layer.scales[:, :n].to(dtype).contiguous()
     ref = dequantize_reference(qweight, qzeros, scales.float(), layer.kernel_g_idx(), layer.bits, torch.float32)
     got = torch.ops.bluelm_quant.dequantize_4bit(qweight, qzeros, scales, layer.group_size, dtype).float()
@@ -384,4 +389,5 @@ __all__ = [
     "set_cpu_isa",
     "set_kernel_threads",
     "standard_qweight",
+    "to_column_blocks",
 ]

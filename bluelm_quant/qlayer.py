@@ -9,6 +9,9 @@ Tensor layout (the standard GPTQ one, K = in_features, N = out_features):
 A layer's tensors travel as a QLayer. `prepare` turns the standard layout into the kernel's:
 for act-order, the rows of qweight are regrouped (one copy, not two) and `perm` says which
 input row each holds; `standard_qweight` gives the checkpoint's order back for saving.
+On the CPU a decode-ready model may also hold qweight in column blocks (`block`, see
+column_blocks.py): the same [K/8, N] tensor whose memory runs block by block, [N/W][K/8][W].
+Only the CPU kernel reads that form (`kernel_qweight`); everything else takes `column_qweight`.
 The reference path (`dequantize_reference`, `gemm_reference`: dequantize, then matmul) runs
 what has no kernel and is the oracle the kernels are tested against.
 
@@ -39,10 +42,30 @@ class QLayer(NamedTuple):
     bias: torch.Tensor | None = None
     perm: torch.Tensor | None = None  # int32 [K]: row r of qweight is input row perm[r]
     group_size: int | None = None  # the kernel layout's contiguous group size; None: reference path only
+    block: int | None = None  # qweight's memory in column blocks of this width (CPU kernel layout)
 
     @property
     def in_features(self) -> int:
         return self.qweight.shape[0] * 32 // self.bits
+
+    def kernel_qweight(self) -> torch.Tensor:
+        """qweight as the kernel op takes it: [K/8, N], or its column blocks as [N/W, K/8, W] (a view)."""
+        if self.block is None:
+            return self.qweight
+        rows, n = self.qweight.shape
+        return self.qweight.view(n // self.block, rows, self.block)
+
+    def column_qweight(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Columns [start, stop) of qweight in the plain [K/8, N] layout (rows still in perm order): the
+        tensor itself when it is not in column blocks, else a copy of the blocks they lie in."""
+        n = self.qweight.shape[1]
+        stop = n if stop is None else stop
+        if self.block is None:
+            return self.qweight if (start, stop) == (0, n) else self.qweight[:, start:stop]
+        w = self.block
+        first, last = start // w, -(-stop // w)
+        blocks = self.kernel_qweight()[first:last].permute(1, 0, 2).reshape(self.qweight.shape[0], (last - first) * w)
+        return blocks[:, start - first * w : stop - first * w]
 
     def kernel_g_idx(self) -> torch.Tensor:
         """The group of each row of qweight as stored (g_idx in perm order)."""
@@ -97,7 +120,7 @@ def gemm_reference(x, qweight, qzeros, scales, g_idx, bits: int, bias=None) -> t
 
 def dequantize(layer: QLayer, dtype=None) -> torch.Tensor:
     """W^T [K, N] in the original input order, in `dtype` (default the scales')."""
-    w = dequantize_reference(layer.qweight, layer.qzeros, layer.scales, layer.kernel_g_idx(), layer.bits, dtype)
+    w = dequantize_reference(layer.column_qweight(), layer.qzeros, layer.scales, layer.kernel_g_idx(), layer.bits, dtype)
     if layer.perm is None:
         return w
     out = torch.empty_like(w)
@@ -107,9 +130,19 @@ def dequantize(layer: QLayer, dtype=None) -> torch.Tensor:
 
 def standard_qweight(layer: QLayer) -> torch.Tensor:
     """qweight in the checkpoint's row order (the input's own), whatever the kernel layout."""
+    qweight = layer.column_qweight()
     if layer.perm is None:
-        return layer.qweight
-    return repack_rows(layer.qweight, torch.argsort(layer.perm.long()), layer.bits)
+        return qweight
+    return repack_rows(qweight, torch.argsort(layer.perm.long()), layer.bits)
+
+
+def to_column_blocks(qweight: torch.Tensor, block: int) -> torch.Tensor:
+    """A plain [K/8, N] qweight's words in column blocks of `block` (QLayer.block): a new tensor of the
+    same shape whose memory runs [N/block][K/8][block]. `block` must divide N."""
+    rows, n = qweight.shape
+    if block < 8 or block % 8 or n % block:
+        raise QuantOpError(f"column block {block} must be a multiple of 8 dividing N={n}")
+    return qweight.view(rows, n // block, block).permute(1, 0, 2).contiguous().view(rows, n)
 
 
 def repack_rows(qweight: torch.Tensor, order: torch.Tensor, bits: int) -> torch.Tensor:
@@ -182,4 +215,4 @@ def prepare(qweight, qzeros, scales, g_idx, bits: int, bias=None) -> QLayer:
 
 
 __all__ = ["FLOAT_DTYPES", "QLayer", "check_activation", "check_layer", "dequantize", "dequantize_reference", "gemm_reference", "prepare",
-           "repack_rows", "standard_qweight"]
+           "repack_rows", "standard_qweight", "to_column_blocks"]

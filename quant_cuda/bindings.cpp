@@ -65,18 +65,22 @@ const char* supported_dtypes(const at::Device& d) {
                      : "float32 or bfloat16";
 }
 
-// qweight [K/8, N], qzeros [G, N/8], scales [G, N], G = ceil(K / group_size), one device.
+// qweight [K/8, N] or [N/W, K/8, W], qzeros [G, N/8], scales [G, N], G = ceil(K / group_size), one device.
 Layer check_layer(const char* op, const Tensor& qweight, const Tensor& qzeros, const Tensor& scales,
                   int64_t group_size) {
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, op,
-              ": qweight must be a 2-D int32 tensor [K/8, N], got ", qweight.scalar_type(), " of shape ",
-              qweight.sizes());
+  TORCH_CHECK((qweight.dim() == 2 || qweight.dim() == 3) && qweight.scalar_type() == at::kInt, op,
+              ": qweight must be an int32 tensor [K/8, N] (or in column blocks [N/W, K/8, W]), got ",
+              qweight.scalar_type(), " of shape ", qweight.sizes());
   TORCH_CHECK(qzeros.dim() == 2 && qzeros.scalar_type() == at::kInt, op,
               ": qzeros must be a 2-D int32 tensor [G, N/8], got ", qzeros.scalar_type(), " of shape ",
               qzeros.sizes());
-  const int64_t K = qweight.size(0) * 8, N = qweight.size(1);
-  TORCH_CHECK(K > 0 && N > 0 && N % 8 == 0, op, ": N (qweight.shape[1]) must be a positive multiple of 8, got qweight ",
-              qweight.sizes());
+  const bool blocked = qweight.dim() == 3;
+  const int64_t K = qweight.size(blocked ? 1 : 0) * 8, block = blocked ? qweight.size(2) : 0;
+  const int64_t N = blocked ? qweight.size(0) * block : qweight.size(1);
+  TORCH_CHECK(K > 0 && N > 0 && N % 8 == 0 && block % 8 == 0, op,
+              ": N must be a positive multiple of 8 (and a column block W too), got qweight ", qweight.sizes());
+  TORCH_CHECK(!blocked || qweight.device().is_cpu(), op, ": qweight in column blocks ", qweight.sizes(),
+              " is a CPU kernel layout, got it on ", qweight.device());
   TORCH_CHECK(group_size >= 8 && group_size % 8 == 0, op, ": group_size=", group_size,
               " must be a positive multiple of 8 (pass K=", K, " for one group per column)");
   const int64_t G = (K + group_size - 1) / group_size;
@@ -89,7 +93,7 @@ Layer check_layer(const char* op, const Tensor& qweight, const Tensor& qzeros, c
   TORCH_CHECK(qzeros.device() == qweight.device() && scales.device() == qweight.device(), op,
               ": qweight, qzeros and scales must be on one device, got ", qweight.device(), ", ",
               qzeros.device(), ", ", scales.device());
-  return {K, N, G};
+  return {K, N, G, block};
 }
 
 [[noreturn]] void fail_status(const char* op, int status, const at::Device& device, const std::string& call) {
@@ -181,7 +185,7 @@ Tensor gemm_4bit(const Tensor& x_in, const Tensor& qweight_in, const Tensor& qze
     }
     use_torch_threads();
     status = gemm_4bit_cpu(x.data_ptr(), qweight.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), scales.data_ptr(),
-                           perm_ptr, bias_ptr, out.data_ptr(), M, L.K, L.N, group_size, dtype);
+                           perm_ptr, bias_ptr, out.data_ptr(), M, L.K, L.N, group_size, dtype, L.block);
   }
 #ifdef QUANT_CUDA_WITH_CUDA
   else if (dev.is_cuda()) {
@@ -201,6 +205,8 @@ Tensor dequantize_4bit(const Tensor& qweight_in, const Tensor& qzeros_in, const 
                        std::optional<at::ScalarType> dtype_opt) {
   const char* op = "bluelm_quant::dequantize_4bit";
   const Layer L = check_layer(op, qweight_in, qzeros_in, scales_in, group_size);
+  TORCH_CHECK(L.block == 0, op, ": qweight must be [K/8, N], got column blocks ", qweight_in.sizes(),
+              " (bluelm_quant.qlayer.QLayer.column_qweight gives the plain layout)");
   const at::Device dev = qweight_in.device();
   const at::ScalarType dtype = dtype_opt.value_or(scales_in.scalar_type());
   TORCH_CHECK(device_supports(dev, dtype), op, ": output dtype on ", dev, " must be ", supported_dtypes(dev), ", got ",
@@ -336,6 +342,7 @@ Tensor decode_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
 TORCH_LIBRARY(bluelm_quant, m) {
   m.set_python_module("bluelm_quant.ops");
   // y[M, N] = x[M, K] @ W^T (+ bias); layout in kernels.h. perm: act-order row gather.
+  // qweight [K/8, N], or on the CPU in column blocks [N/W, K/8, W].
   m.def("gemm_4bit(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor? perm, int group_size, "
         "Tensor? bias) -> Tensor");
   // W^T [K, N] (rows in qweight's order) in dtype (default: scales' dtype).

@@ -13,9 +13,11 @@ int kernel_dtype(at::ScalarType t);  // kFloat32 / kFloat16 / kBFloat16, or -1
 
 struct Layer {
   int64_t K, N, G;
+  int64_t block;  // 0: qweight [K/8, N]; else its width W: qweight [N/W, K/8, W] (column blocks, CPU only)
 };
-// qweight [K/8, N], qzeros [G, N/8], scales [G, N], G = ceil(K / group_size), one device;
-// fails with a message naming `op` otherwise.
+// qweight [K/8, N] (or in column blocks [N/W, K/8, W], kernels.h), qzeros [G, N/8],
+// scales [G, N], G = ceil(K / group_size), one device; fails with a message naming `op`
+// otherwise.
 Layer check_layer(const char* op, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
                   int64_t group_size);
 

@@ -63,7 +63,7 @@ Linear linear(const char* op, const char* name, const LinearList& list, int64_t 
     bias_ptr = out.hold.back().data_ptr<float>();
   }
   out.args = {out.hold[0].data_ptr<int32_t>(), out.hold[1].data_ptr<int32_t>(), out.hold[2].data_ptr<float>(),
-              perm_ptr, bias_ptr, L.K, L.N, group_size};
+              perm_ptr, bias_ptr, L.K, L.N, group_size, L.block};
   return out;
 }
 

@@ -73,7 +73,8 @@ void silu_mul(const float* gate, const float* up, float* act, int64_t n) {
 }
 
 int gemm(const Linear4bit& w, const float* x, float* out, int64_t M) {
-  return gemm_4bit_cpu(x, w.qweight, w.qzeros, w.scales, w.perm, w.bias, out, M, w.K, w.N, w.group_size, kFloat32);
+  return gemm_4bit_cpu(x, w.qweight, w.qzeros, w.scales, w.perm, w.bias, out, M, w.K, w.N, w.group_size, kFloat32,
+                       w.block);
 }
 
 }  // namespace

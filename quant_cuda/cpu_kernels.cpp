@@ -175,9 +175,10 @@ using namespace cpu;
 
 int gemm_4bit_cpu(const void* x, const int32_t* qweight, const int32_t* qzeros,
                   const void* scales, const int32_t* perm, const void* bias, void* out,
-                  int64_t M, int64_t K, int64_t N, int64_t group_size, int dtype) {
+                  int64_t M, int64_t K, int64_t N, int64_t group_size, int dtype, int64_t block) {
   if (dtype != kFloat32 && dtype != kBFloat16) return kBadDType;
   if (M < 1 || !shape_ok(K, N, group_size)) return kBadShape;
+  if (block < 0 || (block && (block % 8 || N % block))) return kBadShape;
   const int64_t G = (K + group_size - 1) / group_size;
   const Isa isa = active_isa();
   const int nt = kernel_threads(K * N / 2);
@@ -200,9 +201,9 @@ int gemm_4bit_cpu(const void* x, const int32_t* qweight, const int32_t* qzeros,
   }
   parallel_tasks((M + kPrologueRows - 1) / kPrologueRows, nt, prologue_task, &p);
   const GemmArgs a{isa >= kIsaAvx512 ? nullptr : p.xf, p.xq, p.xscale, p.xsum, qweight, qzeros, scales, bias, out,
-                   M, K, N, G, group_size, dtype};
+                   M, K, N, G, group_size, dtype, block};
 
-  const int64_t width = chunk_width(N);
+  const int64_t width = block ? block : chunk_width(N);  // a task per block: its rows are one stream
   Chunks c{&a, scratch<float>(kSlotAcc, M * N), width, isa, use_amx ? &plan : nullptr};
   parallel_tasks((N + width - 1) / width, nt, gemm_chunk_task, &c);
   return kOk;

@@ -37,7 +37,14 @@ struct GemmArgs {
   void* out;             // [M, N], dtype
   int64_t M, K, N, G, group_size;
   int dtype;
+  int64_t block;  // qweight's column block width W, 0: [K/8, N] (kernels.h); chunks are whole blocks
 };
+
+// qweight's word for packed row 0 of column c, and the distance between packed rows there.
+inline const int32_t* qweight_column(const GemmArgs& a, int64_t c) {
+  return a.block ? a.qweight + ((c / a.block) * (a.K / 8)) * a.block + c % a.block : a.qweight + c;
+}
+inline int64_t qweight_stride(const GemmArgs& a) { return a.block ? a.block : a.N; }
 
 // Scale applied to the activation met by nibble j (see the comment at the top).
 inline float nibble_scale(int j) { return j == 7 ? 1.0f : 1.0f / float(1 << (4 * j)); }

@@ -88,8 +88,8 @@ QC_AMX inline void split_block(const GemmArgs& a, int64_t kp0, int64_t kb, int64
                                bool prefetch, uint8_t* tile) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t j = 0; j < kb / 8; ++j) {
-    const int32_t* wp = a.qweight + (kp0 + j) * a.N + col;
-    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wp + a.group_size / 8 * a.N), _MM_HINT_T0);
+    const int32_t* wp = qweight_column(a, col) + (kp0 + j) * qweight_stride(a);
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wp + a.group_size / 8 * qweight_stride(a)), _MM_HINT_T0);
     const __m512i w = _mm512_maskz_loadu_epi32(mask, wp);
     _mm512_store_si512(tile + 128 * j, _mm512_and_si512(w, low4));
     _mm512_store_si512(tile + 128 * j + 64, _mm512_and_si512(_mm512_srli_epi32(w, 4), low4));

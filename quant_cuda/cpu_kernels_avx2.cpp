@@ -73,7 +73,7 @@ QC_AVX2 void micro_tile(const GemmArgs& a, int64_t m0, int64_t c0, int64_t g0, i
       for (int v = 0; v < V; ++v) gacc[m][v] = _mm256_setzero_ps();
 
     for (int64_t kp = kp0; kp < kp1; ++kp) {
-      const int32_t* wrow = a.qweight + kp * N + c0;
+      const int32_t* wrow = qweight_column(a, c0) + kp * qweight_stride(a);
       __m256i w[V];
       for (int v = 0; v < V; ++v) w[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + 8 * v));
       const float* xr[MR];

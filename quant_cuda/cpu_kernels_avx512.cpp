@@ -38,7 +38,7 @@ namespace {
 // otherwise. (4, 2) would need 24 accumulators, and GCC then spills them every iteration.
 template <int MR, int V>
 QC_AVX512 void group_tile(const GemmArgs& a, int64_t m0, int64_t c, int64_t g, const __mmask16* mask, float* acc) {
-  const int64_t N = a.N, kp0 = g * a.group_size / 8;
+  const int64_t N = a.N, ld = qweight_stride(a), kp0 = g * a.group_size / 8;
   const int64_t kp1 = (g + 1) * a.group_size / 8 < a.K / 8 ? (g + 1) * a.group_size / 8 : a.K / 8;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512i s[3][MR][V];
@@ -58,10 +58,11 @@ QC_AVX512 void group_tile(const GemmArgs& a, int64_t m0, int64_t c, int64_t g, c
   // median 13.1 -> 14.1 GB/s (T1 ahead in 8 of 10), 11008 x 4096 17.1 -> 18.1 (6 of 10); two
   // groups ahead: no better than one; NTA: 2.5x slower.
   const bool prefetch = MR == 1 && g + 1 < a.G;
+  const int32_t* w0 = qweight_column(a, c);
   for (int64_t kp = kp0; kp < kp1; ++kp) {
-    const int32_t* wp = a.qweight + kp * N + c;
+    const int32_t* wp = w0 + kp * ld;
     if (prefetch) {
-      const char* next = reinterpret_cast<const char*>(wp + a.group_size / 8 * N);
+      const char* next = reinterpret_cast<const char*>(wp + a.group_size / 8 * ld);
       QC_UNROLL
       for (int v = 0; v < V; ++v) _mm_prefetch(next + 64 * v, _MM_HINT_T1);
     }

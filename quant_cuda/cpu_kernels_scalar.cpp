@@ -32,12 +32,14 @@ void gemm_columns_scalar(const GemmArgs& a, int64_t c0, int64_t width, int64_t g
   for (int64_t m = 0; m < a.M; ++m) {
     const float* xr = a.x + m * K;
     for (int64_t c = c0; c < c0 + width; ++c) {
+      const int32_t* wc = qweight_column(a, c);
+      const int64_t ld = qweight_stride(a);
       float sum = acc[m * N + c];
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t kp1 = (g + 1) * gs < K ? (g + 1) * gs / 8 : K / 8;
         float gacc = 0.0f;
         for (int64_t kp = g * gs / 8; kp < kp1; ++kp) {
-          const uint32_t w = uint32_t(a.qweight[kp * N + c]);
+          const uint32_t w = uint32_t(wc[kp * ld]);
           for (int j = 0; j < 7; ++j) gacc += float(int32_t(w & (0xFu << (4 * j)))) * xr[kp * 8 + j];
           gacc += float(w >> 28) * xr[kp * 8 + 7];
         }

@@ -8,6 +8,9 @@
 //                     r % 8 (least-significant first) of qweight[r / 8][c]. When `perm` is
 //                     given, qweight rows are already reordered (repacked) so that row r
 //                     holds original input row perm[r]; the kernel reads x[:, perm[r]].
+//                     CPU, block = W > 0: the same words in column blocks, [N/W][K/8][W]
+//                     (qweight[r / 8][c] at ((c / W) * (K/8) + r / 8) * W + c % W), so that
+//                     a block's rows are W words apart instead of N (bluelm_quant/column_blocks.py).
 //   qzeros  [G, N/8]  int32, v1 zeros: nibble c % 8 of qzeros[g][c / 8] holds zero - 1.
 //   scales  [G, N]    same dtype as x.
 //   perm    [K]       int32 or nullptr. Row r (after repacking) belongs to group r / group_size.
@@ -32,10 +35,11 @@ enum Status : int {
 const char* status_message(int status);
 
 // ---- CPU (always built) ------------------------------------------------------------
-// dtype: kFloat32 or kBFloat16. Multithreaded with OpenMP.
+// dtype: kFloat32 or kBFloat16. On the kernels' thread pool (cpu_threads.h). block: 0 or
+// qweight's column block width W (a multiple of 8 dividing N).
 int gemm_4bit_cpu(const void* x, const int32_t* qweight, const int32_t* qzeros,
                   const void* scales, const int32_t* perm, const void* bias, void* out,
-                  int64_t M, int64_t K, int64_t N, int64_t group_size, int dtype);
+                  int64_t M, int64_t K, int64_t N, int64_t group_size, int dtype, int64_t block = 0);
 
 // W^T [K, N] (rows in qweight's order) in `dtype`.
 int dequantize_4bit_cpu(const int32_t* qweight, const int32_t* qzeros, const void* scales,
@@ -75,6 +79,7 @@ struct Linear4bit {
   const int32_t* perm;  // act-order gather or null
   const float* bias;    // or null
   int64_t K, N, group_size;
+  int64_t block;  // qweight's column block width, 0: [K/8, N]
 };
 // q [B, heads, D], k and v [B, kv_heads, D] = RoPE'd projections of rms_norm(x) (q and k
 // rotated, rotate-half convention; cos and sin [B or 1, D], cos_rows 1 or B); qkv.N =

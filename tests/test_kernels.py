@@ -415,7 +415,7 @@ def test_errors_name_the_problem():
         (lambda: OPS.gemm_4bit(x.double(), qw, qz, s, None, gs, None), "float32 or bfloat16"),
         (lambda: OPS.gemm_4bit(x[:, :248], qw, qz, s, None, gs, None), "K=248"),
         (lambda: OPS.gemm_4bit(x, qw, qz, s.to(torch.bfloat16), None, gs, None), "scales must have x's dtype"),
-        (lambda: OPS.gemm_4bit(x, qw.long(), qz, s, None, gs, None), "qweight must be a 2-D int32"),
+        (lambda: OPS.gemm_4bit(x, qw.long(), qz, s, None, gs, None), "qweight must be an int32 tensor [K/8, N]"),
         (lambda: OPS.gemm_4bit(x, qw, qz, s, None, 12, None), "group_size=12"),
         (lambda: OPS.gemm_4bit(x, qw, qz, s, None, 128, None), "scales [4, 24] must be [G, N] = [2, 24]"),
         (lambda: OPS.gemm_4bit(x, qw[:, :20], qz, s, None, gs, None), "multiple of 8"),

@@ -69,6 +69,23 @@ def test_a_wrong_kernel_is_caught_and_the_reference_path_takes_over(state, caplo
     assert not any(v["ok"] for v in kernel_check.report())
 
 
+def test_column_blocks_are_a_configuration_of_their_own_and_checked(state, caplog):
+    """A layer in column blocks (column_blocks.py) gets its own verdicts, judged on a part in blocks of
+    its own: a kernel wrong there is caught and the reference path answers."""
+    plain, blocked = layer(seed=1), layer(seed=1)
+    blocked.use_column_blocks(32)
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        plain(x)
+        state.fault = lambda y: y + 1.0
+        with caplog.at_level(logging.WARNING, logger="bluelm_quant.kernel_check"):
+            y = blocked(x)
+    assert torch.allclose(y.double(), reference(blocked, x), atol=1e-4)
+    configs = {v["config"]: v["ok"] for v in kernel_check.report()}
+    assert any("column blocks" in c and not ok for c, ok in configs.items())
+    assert all(ok for c, ok in configs.items() if "column blocks" not in c)
+
+
 def test_every_cpu_body_and_the_dequantize_path_are_checked(state):
     """Each CPU body is its own configuration; a body that hands large M over to dequantize +
     matmul gets that path checked too."""

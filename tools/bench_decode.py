@@ -19,7 +19,7 @@ round says from which new token on (the decode-layer ops agree with the others t
     python tools/bench_decode.py --model /tmp/decode14/smol-g128 --threads 2 --prompt 32 --new 128
     python tools/bench_decode.py --model DIR --variants before,loop-compiled --lm-head-bits 16,8,4 --profile
 
---lm-head-bits, --attention, --fuse and --huge-pages with several values load the model once per
+--lm-head-bits, --attention, --fuse, --huge-pages and --column-blocks with several values load the model once per
 combination (a compiled step is bound to its model's modules) and run every variant on each, all
 interleaved.
 """
@@ -136,6 +136,9 @@ def main(argv=None) -> int:
                    help="comma list: 'on' (the quantized layers' tensors in one arena on transparent huge pages, "
                         "bluelm_quant.huge_pages, as load_quantized and fuse_projections leave them), 'off' (where "
                         "loading put them, on 4 KB pages) (default on; 'before' is always off)")
+    p.add_argument("--column-blocks", default="on",
+                   help="comma list: 'on' (the wide layers' qweight in column blocks, bluelm_quant.column_blocks, as "
+                        "the chat CLI runs it), 'off' (the standard layout) (default on; 'before' is always off)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table for each variant")
     args = p.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -171,25 +174,32 @@ def main(argv=None) -> int:
     pages = [v.strip() for v in args.huge_pages.split(",") if v.strip()]
     if not pages or any(v not in ("on", "off") for v in pages):
         p.error(f"--huge-pages {args.huge_pages}: use a comma list of on, off")
+    blocks = [v.strip() for v in args.column_blocks.split(",") if v.strip()]
+    if not blocks or any(v not in ("on", "off") for v in blocks):
+        p.error(f"--column-blocks {args.column_blocks}: use a comma list of on, off")
     from bluelm_quant import cpu_attention  # noqa: F401  (registers bluelm_cpu and bluelm_cpu_matmul)
     from bluelm_quant import huge_pages
+    from bluelm_quant.column_blocks import use_column_blocks
     from bluelm_quant.cpu_decode import enable_decode_layers
     from bluelm_quant.fuse import fuse_projections
 
     runners, reference = {}, {}
-    for bits, attn, fuse, page in itertools.product(heads, attentions, fuses, pages):
+    for bits, attn, fuse, page, block in itertools.product(heads, attentions, fuses, pages, blocks):
         with huge_pages.disabled() if page == "off" else contextlib.nullcontext():
             model = load_quantized(args.model, dtype=torch.float32, lm_head_bits=bits)
             if attn != "loaded":
                 model.set_attn_implementation(attn)
             if fuse in ("on", "layers"):
                 fuse_projections(model)
+        if block == "on":
+            use_column_blocks(model)
         if fuse == "layers":
             enable_decode_layers(model)
         for name in names:
             label = name + (f" h{bits}" if len(heads) > 1 else "") + (f" {attn}" if len(attentions) > 1 else "")
             label += {"off": " unfused", "on": " fused", "layers": " layers"}[fuse] if len(fuses) > 1 else ""
             label += " 4k-pages" if page == "off" and len(pages) > 1 else ""
+            label += " plain-columns" if block == "off" and len(blocks) > 1 else ""
             if name == "before":  # SDPA, as models were loaded before issue 14; its own model
                 label = "before" + (f" h{bits}" if len(heads) > 1 else "")
                 if label in runners:

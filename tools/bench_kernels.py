@@ -226,7 +226,8 @@ def main(argv=None) -> int:
                         f"the best this CPU runs and the lower SIMD ones; from {', '.join(ops.CPU_ISAS)})")
     p.add_argument("--huge-pages", action="store_true",
                    help="CPU: also time the first body on the same 4-bit weights packed into one arena on transparent "
-                        "huge pages, as load_quantized leaves a model's (bluelm_quant.huge_pages)")
+                        "huge pages, as load_quantized leaves a model's (bluelm_quant.huge_pages), and there in column "
+                        "blocks, as prepare_cpu_decode leaves a decoding model's (bluelm_quant.column_blocks)")
     p.add_argument("--heads", default=CPU_HEADS, help="CPU: comma-separated NxK int8 lm_head shapes ('' for none)")
     p.add_argument("--stat", choices=("median", "best"), default="median",
                    help="CPU: the median of the timed repetitions, or the fastest (a busy machine's quiet moments)")

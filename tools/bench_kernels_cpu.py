@@ -14,7 +14,9 @@ thread, ~16 ms a call measured.) torch.sum and read_probe over 1 GiB are printed
 count for reference. --stat best reports the fastest repetition instead of the median: what
 the code does when the machine is momentarily quiet. --huge-pages adds the first body on copies of
 the weights on 4 KB pages ("4k") and packed into one arena on transparent huge pages, as loaded
-models hold them (bluelm_quant.huge_pages; "2M"), timed in the same loop. Those two read copies of
+models hold them (bluelm_quant.huge_pages; "2M"), and in such an arena in column blocks, as
+cpu_decode.prepare_cpu_decode leaves a decoding model's layers that are wide enough
+(bluelm_quant.column_blocks; "blk"), timed in the same loop. Those three read copies of
 their own: the other variants share theirs within a repetition (the body columns and ops.gemm read
 copy r together), so the second reader of a copy may find it in the L3 (measured: the first body's
 4096x11008 M=1 time 2.0 -> 1.7 ms at 2 threads once ops.gemm was timed beside it).
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from bluelm_quant import int8_ops, ops
+from bluelm_quant.column_blocks import block_width
 from bluelm_quant.huge_pages import pack_kernel_tensors
 from bluelm_quant.nn import QuantLinear
 from bluelm_quant.placement import Int8Linear
@@ -99,17 +102,34 @@ def random_4bit(k: int, n: int, group_size: int):
 
 
 def page_copies(layers: list, k: int, n: int, group_size: int) -> dict:
-    """random_4bit's layers copied twice, (qweight, qzeros, scales) each: {"4k": plain allocations,
-    "2M": one huge-page arena, as pack_kernel_tensors leaves a loaded model's}."""
-    packed = nn.ModuleList()
-    for qweight, qzeros, scales, g_idx, _ in layers:
-        q = QuantLinear(k, n, 4, group_size, dtype=scales.dtype, device="meta")
-        q.qweight, q.qzeros, q.scales, q.g_idx = qweight.clone(), qzeros.clone(), scales.clone(), g_idx
-        q.post_init()
-        packed.append(q)
-    plain = [(q.qweight, q.qzeros, q.scales) for q in packed]  # the clones stay: the 4 KB-page copies
+    """random_4bit's layers copied, (qweight as the op takes it, qzeros, scales) each: {"4k": plain
+    allocations, "2M": one huge-page arena, as pack_kernel_tensors leaves a loaded model's, "blk": another
+    arena in column blocks, as prepare_cpu_decode leaves a decoding model's (only where N has a
+    column_blocks.block_width)}."""
+    def quant_linears() -> nn.ModuleList:
+        out = nn.ModuleList()
+        for qweight, qzeros, scales, g_idx, _ in layers:
+            q = QuantLinear(k, n, 4, group_size, dtype=scales.dtype, device="meta")
+            q.qweight, q.qzeros, q.scales, q.g_idx = qweight.clone(), qzeros.clone(), scales.clone(), g_idx
+            q.post_init()
+            out.append(q)
+        return out
+
+    def args(modules) -> list:
+        return [(q.quant_layer().kernel_qweight(), q.qzeros, q.scales) for q in modules]
+
+    packed = quant_linears()
+    copies = {"4k": args(packed)}  # the clones stay: the 4 KB-page copies
     pack_kernel_tensors(packed)
-    return {"4k": plain, "2M": [(q.qweight, q.qzeros, q.scales) for q in packed]}
+    copies["2M"] = args(packed)
+    width = block_width(n)
+    if width is not None:
+        blocked = quant_linears()
+        pack_kernel_tensors(blocked)
+        for q in blocked:
+            q.use_column_blocks(width)
+        copies["blk"] = args(blocked)
+    return copies
 
 
 def bytes_4bit(m: int, k: int, n: int, group_size: int) -> int:
@@ -186,6 +206,11 @@ def bench_4bit(args, threads: int, notes: set) -> list:
                 row.update({f"gbs_{name}": bytes_4bit(m, k, n, gs) / t[name] / 1e9 for name in pages})
                 huge_cols = (f" {t['4k'] * 1e3:9.3f} {t['2M'] * 1e3:9.3f} {row['gbs_4k']:6.1f} {row['gbs_2M']:6.1f} "
                              f"{t['4k'] / t['2M']:6.2f}x")
+                if "blk" in t:
+                    row["bandwidth_share_blk"] = row["gbs_blk"] / read_gbs
+                    huge_cols += f" {t['blk'] * 1e3:9.3f} {row['gbs_blk']:7.1f} {100 * row['gbs_blk'] / read_gbs:6.0f}%"
+                else:
+                    huge_cols += f" {'-':>9} {'-':>7} {'-':>7}"
             print(f"{shape:>11} {m:3d} {threads:3d} {t[best] * 1e3:9.3f} {gbs:6.1f} {read_gbs:6.1f} "
                   f"{100 * gbs / read_gbs:4.0f}% "
                   f"{other} {t['ops.gemm'] * 1e3:9.3f} {t['fp32'] * 1e3:9.3f} {t['bf16'] * 1e3:9.3f} {i4} "
@@ -267,7 +292,8 @@ def bench_cpu(args) -> dict:
                       f"{'%bw':>5}"
                       f"{others} {'ops.gemm':>9} {'fp32 ms':>9} {'bf16 ms':>9} {'int4 ms':>9} {'vs fp32':>7} "
                       f"{'row/M=1':>7}"
-                      + (f" {'4k ms':>9} {'2M ms':>9} {'4k GB/s':>6} {'2M GB/s':>6} {'2M/4k':>7}" if args.huge_pages else ""))
+                      + (f" {'4k ms':>9} {'2M ms':>9} {'4k GB/s':>6} {'2M GB/s':>6} {'2M/4k':>7} {'blk ms':>9} "
+                         f"{'blk GB/s':>7} {'blk %bw':>7}" if args.huge_pages else ""))
                 result["rows_4bit"] += bench_4bit(args, threads, notes)
             if args.heads:
                 print(f"{'int8 N x K':>11} {'M':>3} {'thr':>3} {'int8 ms':>9} {'GB/s':>6} {'read':>6} {'%bw':>5} "
@@ -282,5 +308,6 @@ def bench_cpu(args) -> dict:
           "row/M=1 = (M x the M=1 time) / this time; chunked = Int8Linear's dequantize + matmul path; "
           "int4/int8pack = torch's own CPU kernels (int4: bf16 x)"
           + ("; 4k / 2M = the first body on copies of its own, plain / in a huge-page arena (bluelm_quant.huge_pages), "
-             "2M/4k = their speedup" if args.huge_pages else ""))
+             "2M/4k = their speedup; blk = the 2M arena in column blocks (bluelm_quant.column_blocks), as a decoding "
+             "model holds the layers wide enough for them, blk %bw its share of read" if args.huge_pages else ""))
     return result

@@ -1,0 +1,69 @@
+"""Inference only, CPU: the wide 4-bit layers' qweight in column blocks, so that the kernel
+reads each of its tasks' weights as one sequential stream.
+
+Why: the CPU kernel gives each thread task a band of output columns and walks it group by
+group, 16 packed rows at a time. In the standard [K/8, N] layout those rows lie N words apart,
+so a task reads 16 runs of a few KB, 4N bytes apart. Where 4N is not a multiple of 32 KB
+(BlueLM-7B's fused q/k/v, N=12288, and gate/up, N=22016) that pattern streamed at ~70% of the
+read bandwidth of the same bytes, and the multiples of 32 KB (N=16384, 24576, 32768) at
+~97%, on the dev machine's Xeon (Emerald Rapids; 1 thread, 4096 x N, cold weights on huge
+pages). Stored as blocks [N/W][K/8][W], a task is one block and its rows are W words apart: a
+group's rows are one contiguous run. Measured there, 2 threads, M=1, GB/s of the 4-bit
+weights (tools/bench_kernels.py --device cpu --huge-pages has the standard layout's figure):
+
+    layer         read probe   standard   blocks (W)
+    4096x12288       17.9        12.0      18.0 (1024)
+    4096x22016       19.0        12.4      20.5 (2752)
+    4096x4096        17.9        15.1      17.4 (1024)
+    11008x4096       18.9        16.5      19.5 (1024)
+
+The outputs are bitwise those of the standard layout (each output column sums the same
+products in the same order); tests/test_column_blocks.py checks every kernel body.
+
+Where: `block_width` picks W for a layer. Layers narrower than MIN_COLUMNS keep the standard
+layout: their rows are close together (SmolLM2's widest is 3072 columns, and its whole model
+sits in this machine's L3), and a block per task would leave too few tasks to share between
+threads. `use_column_blocks` converts a model in place (qweight's own storage, so a huge-page
+arena stays where it is); it is part of cpu_decode.prepare_cpu_decode. Saving writes the
+standard layout (QuantLinear._save_to_state_dict), a move off the CPU converts back, and every
+other reader (reference path, dequantize, LoRA's input gradient) takes QLayer.column_qweight.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .nn import QuantLinear
+
+MIN_COLUMNS = 4096  # 16 KB rows: below that, the standard layout streams as well
+MIN_BLOCK, MAX_BLOCK = 1024, 4096  # columns: 4-16 KB of each packed row per task
+MIN_TASKS = 4  # blocks per layer, so that a busy thread's share can move to another
+
+
+def block_width(out_features: int) -> int | None:
+    """The column block width for a layer with `out_features` outputs, or None (standard layout):
+    the narrowest width in [MIN_BLOCK, MAX_BLOCK] that is a multiple of 64 (the AVX-512 tile)
+    dividing out_features into at least MIN_TASKS blocks."""
+    if out_features < MIN_COLUMNS:
+        return None
+    for width in range(MIN_BLOCK, MAX_BLOCK + 1, 64):
+        if out_features % width == 0 and out_features // width >= MIN_TASKS:
+            return width
+    return None
+
+
+def use_column_blocks(model: nn.Module) -> int:
+    """Put every CPU QuantLinear of `model` that runs on the kernel (4-bit, kernel layout) and has a
+    block_width into column blocks, in place. Returns how many layers are in column blocks."""
+    blocked = 0
+    for module in model.modules():
+        if not (isinstance(module, QuantLinear) and module.bits == 4 and module.kernel_group_size is not None
+                and module.qweight.device.type == "cpu"):
+            continue
+        width = block_width(module.out_features)
+        if width is not None:
+            module.use_column_blocks(width)
+            blocked += 1
+    return blocked
+
+
+__all__ = ["MAX_BLOCK", "MIN_BLOCK", "MIN_COLUMNS", "MIN_TASKS", "block_width", "use_column_blocks"]
