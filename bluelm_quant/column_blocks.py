@@ -7,8 +7,9 @@ so a task reads 16 runs of a few KB, 4N bytes apart. Where 4N is not a multiple 
 (BlueLM-7B's fused q/k/v, N=12288, and gate/up, N=22016) that pattern streamed at ~70% of the
 read bandwidth of the same bytes, and the multiples of 32 KB (N=16384, 24576, 32768) at
 ~97%, on the dev machine's Xeon (Emerald Rapids; 1 thread, 4096 x N, cold weights on huge
-pages). Stored as blocks [N/W][K/8][W], a task is one block and its rows are W words apart: a
-group's rows are one contiguous run. Measured there, 2 threads, M=1, GB/s of the 4-bit
+pages). Stored as blocks [N/W][K/8][W], a decode task (one row) is one block and its rows are W
+words apart: a group's rows are one contiguous run. (With more rows a task takes part of a block:
+cpu_kernels.cpp block_chunk_width.) Measured there, 2 threads, M=1, GB/s of the 4-bit
 weights (tools/bench_kernels.py --device cpu --huge-pages has the standard layout's figure):
 
     layer         read probe   standard   blocks (W)

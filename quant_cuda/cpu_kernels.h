@@ -37,7 +37,7 @@ struct GemmArgs {
   void* out;             // [M, N], dtype
   int64_t M, K, N, G, group_size;
   int dtype;
-  int64_t block;  // qweight's column block width W, 0: [K/8, N] (kernels.h); chunks are whole blocks
+  int64_t block;  // qweight's column block width W, 0: [K/8, N] (kernels.h); a task's columns lie in one block
 };
 
 // qweight's word for packed row 0 of column c, and the distance between packed rows there.

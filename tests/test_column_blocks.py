@@ -75,13 +75,16 @@ def test_every_kernel_body_reads_column_blocks_bit_for_bit(cpu_isa, act_order, d
         assert isinstance(blocked._plan, ops.GemmPlan) and blocked._plan.qweight.shape == (n // block, k // 8, block)
 
 
-def test_the_kernel_takes_blocks_at_7b_widths():
-    k, n = 256, 4096  # a BlueLM-7B output width at a small K: column_blocks' own choice of block
+@pytest.mark.parametrize("n,block", [(4096, None), (5504, 2752)])
+def test_the_kernel_takes_blocks_at_7b_widths(n, block):
+    """BlueLM-7B's widths at a small K (column_blocks' own block for 4096; 2752, gate/up's, for 5504):
+    one row reads whole blocks, more rows split each into tasks of at most 768 columns."""
+    k = 256
     plain = quant_linear(n, k, seed=3)
     blocked = copy.deepcopy(plain)
-    blocked.use_column_blocks(column_blocks.block_width(n))
+    blocked.use_column_blocks(block or column_blocks.block_width(n))
     with torch.no_grad():
-        for rows in (1, 4):
+        for rows in (1, 4, 1):
             x = torch.randn(rows, k)
             assert torch.equal(blocked(x), plain(x))
 
