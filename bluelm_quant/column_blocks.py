@@ -18,14 +18,20 @@ weights (tools/bench_kernels.py --device cpu --huge-pages has the standard layou
     4096x4096        17.9        15.1      17.4 (1024)
     11008x4096       18.9        16.5      19.5 (1024)
 
+The cost, on the same machine: calls of 2-8 rows (batched decode) are slower in blocks, summed
+over those four shapes, cold, ms (standard / blocks): M=2 9.4 / 10.6, M=4 10.3 / 12.0, M=8 13.9 /
+14.9, most of it on the 4096-wide layers; prefill (32-128 rows) within 3%. Batch-1 decode is
+what the chat and the decode benchmarks run, so they take the blocks.
+
 The outputs are bitwise those of the standard layout (each output column sums the same
 products in the same order); tests/test_column_blocks.py checks every kernel body.
 
 Where: `block_width` picks W for a layer. Layers narrower than MIN_COLUMNS keep the standard
 layout: their rows are close together (SmolLM2's widest is 3072 columns, and its whole model
 sits in this machine's L3), and a block per task would leave too few tasks to share between
-threads. `use_column_blocks` converts a model in place (qweight's own storage, so a huge-page
-arena stays where it is); it is part of cpu_decode.prepare_cpu_decode. Saving writes the
+threads. `use_column_blocks` converts a model's layers (new tensors, which it packs into a
+huge-page arena again: huge_pages.pack_kernel_tensors); it is part of
+cpu_decode.prepare_cpu_decode. Saving writes the
 standard layout (QuantLinear._save_to_state_dict), a move off the CPU converts back, and every
 other reader (reference path, dequantize, LoRA's input gradient) takes QLayer.column_qweight.
 """
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .huge_pages import pack_kernel_tensors
 from .nn import QuantLinear
 
 MIN_COLUMNS = 4096  # 16 KB rows: below that, the standard layout streams as well
@@ -54,7 +61,8 @@ def block_width(out_features: int) -> int | None:
 
 def use_column_blocks(model: nn.Module) -> int:
     """Put every CPU QuantLinear of `model` that runs on the kernel (4-bit, kernel layout) and has a
-    block_width into column blocks, in place. Returns how many layers are in column blocks."""
+    block_width into column blocks, then pack the kernels' tensors into a new huge-page arena (unless
+    packing is disabled: huge_pages.disabled). Returns how many layers are in column blocks."""
     blocked = 0
     for module in model.modules():
         if not (isinstance(module, QuantLinear) and module.bits == 4 and module.kernel_group_size is not None
@@ -64,6 +72,8 @@ def use_column_blocks(model: nn.Module) -> int:
         if width is not None:
             module.use_column_blocks(width)
             blocked += 1
+    if blocked:
+        pack_kernel_tensors(model)
     return blocked
 
 

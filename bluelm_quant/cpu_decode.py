@@ -36,7 +36,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
-from . import ops
+from . import huge_pages, ops
 from .column_blocks import use_column_blocks
 from .extension import quant_cuda
 from .fuse import FusedMember, fuse_projections
@@ -158,8 +158,12 @@ def prepare_cpu_decode(model: nn.Module) -> tuple[int, int, int]:
     (column_blocks.use_column_blocks), then the decode-layer ops (enable_decode_layers).
     Returns (groups fused, layers in column blocks, layers enabled). Inference only: the model can
     no longer be saved."""
-    fused = fuse_projections(model)
-    return fused, use_column_blocks(model), enable_decode_layers(model)
+    with huge_pages.disabled():  # both make new tensors: one packing for the two, below
+        fused = fuse_projections(model)
+        blocked = use_column_blocks(model)
+    if fused or blocked:
+        huge_pages.pack_kernel_tensors(model)
+    return fused, blocked, enable_decode_layers(model)
 
 
 def decode_layers_enabled(model: nn.Module) -> int:

@@ -90,8 +90,11 @@ if extension.quant_cuda() is not None:
     @torch.library.register_fake("bluelm_quant::gemm_4bit")
     def _gemm_4bit_fake(x, qweight, qzeros, scales, perm, group_size, bias):
         torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {tuple(x.shape)}")
-        torch._check(x.shape[1] == qweight.shape[0] * 8, lambda: f"x {tuple(x.shape)} does not fit qweight {tuple(qweight.shape)}")
-        return x.new_empty((x.shape[0], qweight.shape[1]))
+        # qweight [K/8, N], or in column blocks [N/W, K/8, W] (QLayer.kernel_qweight)
+        k, n = ((qweight.shape[1], qweight.shape[0] * qweight.shape[2]) if qweight.dim() == 3
+                else (qweight.shape[0], qweight.shape[1]))
+        torch._check(x.shape[1] == k * 8, lambda: f"x {tuple(x.shape)} does not fit qweight {tuple(qweight.shape)}")
+        return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("bluelm_quant::dequantize_4bit")
     def _dequantize_4bit_fake(qweight, qzeros, scales, group_size, dtype=None):
@@ -179,12 +182,12 @@ def _run_kernel(x2: torch.Tensor, layer: QLayer, dtype: torch.dtype) -> torch.Te
 def _self_check(layer: QLayer, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
     """Every M-path of this configuration on the layer's first CHECK_COLUMNS output columns:
     {path: (max |kernel - reference|, max |reference|)}. A layer in column blocks is checked on
-    those columns in two blocks of their own (the kernel's block addressing, on a small layer)."""
+    those columns in blocks of their own (two where they split in multiples of 8, else one)."""
     n = min(layer.qweight.shape[1], kernel_check.CHECK_COLUMNS)
     cols = n * layer.bits // 32
     qweight, block = layer.column_qweight(0, n).contiguous(), None
-    if layer.block is not None and n % 16 == 0:
-        block = n // 2
+    if layer.block is not None:
+        block = n // 2 if n % 16 == 0 else n
         qweight = to_column_blocks(qweight, block)
     part = layer._replace(qweight=qweight, qzeros=layer.qzeros[:, :cols].contiguous(),
                           scales=layer.scales[:, :n].contiguous(),

@@ -4,15 +4,16 @@
 // M >= 2), cpu_kernels_avx512.cpp (AVX-512 VNNI), cpu_kernels_avx2.cpp (AVX2 + FMA) and
 // cpu_kernels_scalar.cpp (any CPU).
 //
-// Work split: output columns are cut into chunks (chunk_width), one task each, claimed
-// by whichever thread is free (a thread that loses its core to another process does not
-// hold the others up). A chunk walks K a group or a few at a time across all of its
-// columns, keeping fp32 partial sums in acc [M, N]: that reads qweight as ~16 sequential
-// row streams, which the hardware prefetchers follow. Walking all of K per column tile
-// instead jumps N*4 bytes (16-44 KB on 7B layers) from row to row and measured ~2-3x
-// slower at M=1 on 4096x11008 (best of 30: 2.3 vs 5-8 ms, one thread). The chunks depend
-// on the shape only and every output element is produced by one task in a fixed order,
-// so results are bitwise identical run to run and for any thread count.
+// Work split: output columns are cut into chunks (chunk_width; block_chunk_width for a
+// layer in column blocks), one task each, claimed by whichever thread is free (a thread
+// that loses its core to another process does not hold the others up). A chunk walks K a
+// group or a few at a time across all of its columns, keeping fp32 partial sums in acc
+// [M, N]: that reads qweight as ~16 row streams (in column blocks: one), which the hardware
+// prefetchers follow. Walking all of K per column tile instead jumps N*4 bytes (16-44 KB on
+// 7B layers) from row to row and measured ~2-3x slower at M=1 on 4096x11008 (best of 30: 2.3
+// vs 5-8 ms, one thread). Every output element is produced by one task, summing its groups
+// in the same order whatever the chunk, so results are bitwise identical run to run, for any
+// thread count and in either layout.
 //
 // Scratch (activations in kernel form, acc) lives in buffers of the calling thread that
 // grow and are reused (thread_scratch): no allocation per call once a shape has been seen.
@@ -46,23 +47,28 @@ constexpr int64_t kRowsPerPass = 128;
 
 // Columns per task: 512 (2 KB of each qweight row, long sequential reads) on wide layers,
 // narrower ones so that a layer has >= 8 tasks to balance over threads (576-wide
-// SmolLM2 layers: 128 columns, 5 tasks). A multiple of 64, the AVX-512 tile.
+// SmolLM2 layers: 128 columns, 5 tasks). A multiple of 64, the AVX-512 tile (the bodies
+// mask a narrower chunk's last tile, as block_chunk_width's may be).
 int64_t chunk_width(int64_t N) {
   const int64_t w = ((N + 7) / 8 + 63) / 64 * 64;
   return std::min<int64_t>(512, std::max<int64_t>(64, w));
 }
 
-// Columns per task on a layer in column blocks (kernels.h). At M = 1 a whole block: its rows are
-// then one sequential stream. With more rows the task also updates an [M, width] slice of acc
-// per group, which whole blocks made too large: the block in the fewest equal parts of at most
-// 768 columns. Measured (2 threads, 4096x22016 in blocks of 2752, ms; the standard layout with
+// Columns per task on a layer in column blocks (kernels.h): the block in the fewest equal parts
+// (multiples of 8) that give every thread a task. At M = 1 that is a whole block wherever there
+// are enough blocks: its rows are then one sequential stream. With more rows the task also updates
+// an [M, width] slice of acc per group, which whole blocks made too large: parts of at most 768
+// columns. Measured (2 threads, 4096x22016 in blocks of 2752, ms; the standard layout with
 // its 512-column chunks / whole blocks / parts <= 512 / parts <= 768): M=128 46.5 / 64.4 / 54.7 /
 // 49.4, M=32 13.9 / 14.8 / 17.0 / 14.1; the 1024-wide blocks of 4096x12288 and 11008x4096 within
 // 3% either way.
-int64_t block_chunk_width(int64_t block, int64_t M) {
-  if (M == 1) return block;
-  for (int64_t parts = 1;; ++parts)
-    if (block % parts == 0 && (block / parts) % 8 == 0 && block / parts <= 768) return block / parts;
+int64_t block_chunk_width(int64_t block, int64_t N, int64_t M, int threads) {
+  const int64_t widest = M == 1 ? block : 768;
+  for (int64_t parts = 1;; ++parts) {
+    const int64_t width = block / parts;
+    if (width <= 8) return 8;
+    if (block % parts == 0 && width % 8 == 0 && width <= widest && N / block * parts >= threads) return width;
+  }
 }
 
 // out[:, c0:c1] = acc (+ bias), converted to the output dtype.
@@ -216,7 +222,7 @@ int gemm_4bit_cpu(const void* x, const int32_t* qweight, const int32_t* qzeros,
   const GemmArgs a{isa >= kIsaAvx512 ? nullptr : p.xf, p.xq, p.xscale, p.xsum, qweight, qzeros, scales, bias, out,
                    M, K, N, G, group_size, dtype, block};
 
-  const int64_t width = block ? block_chunk_width(block, M) : chunk_width(N);
+  const int64_t width = block ? block_chunk_width(block, N, M, nt) : chunk_width(N);
   Chunks c{&a, scratch<float>(kSlotAcc, M * N), width, isa, use_amx ? &plan : nullptr};
   parallel_tasks((N + width - 1) / width, nt, gemm_chunk_task, &c);
   return kOk;

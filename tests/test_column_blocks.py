@@ -89,6 +89,51 @@ def test_the_kernel_takes_blocks_at_7b_widths(n, block):
             assert torch.equal(blocked(x), plain(x))
 
 
+def test_compiled_calls_take_blocked_layers():
+    """torch.compile traces the op on the [N/W, K/8, W] view (the fake op's shapes), as a compiled decode
+    step does for a 4-bit lm_head or a bf16 model's layers (those run outside the decode-layer ops)."""
+    plain = quant_linear(128, 256, seed=4)
+    blocked = copy.deepcopy(plain)
+    blocked.use_column_blocks(32)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        blocked(x)  # the checked call, which makes the plan
+        step = torch.compile(lambda t: blocked(t), backend="aot_eager", fullgraph=True)
+        assert torch.equal(step(x), plain(x))
+
+
+def test_more_threads_than_blocks_split_the_blocks(monkeypatch):
+    """With fewer blocks than kernel threads, a one-row call cuts each block into tasks: the same outputs.
+    (One block of a 64 KB layer, so that 2 threads are enough to split it.)"""
+    plain = quant_linear(256, 512, seed=5)
+    blocked = copy.deepcopy(plain)
+    blocked.use_column_blocks(256)
+    x = torch.randn(1, 512)
+    with torch.no_grad():
+        want = plain(x)
+        for threads in (1, 2, 8):
+            ops.set_kernel_threads(threads)
+            try:
+                assert torch.equal(blocked(x), want), threads
+            finally:
+                ops.set_kernel_threads(0)
+
+
+def test_blocking_never_rewrites_a_tensor_someone_else_holds():
+    plain = quant_linear(96, 128, seed=6)
+    before = plain.state_dict()
+    snapshot = {k: t.clone() for k, t in before.items()}
+    twin = QuantLinear(128, 96, 4, GROUP, bias=True, dtype=torch.float32)
+    twin.load_state_dict(before, assign=True)  # shares plain's tensors
+    plain.use_column_blocks(32)
+    assert all(torch.equal(before[k], snapshot[k]) for k in before)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        assert torch.equal(twin(x), plain(x))
+    with pytest.raises(ValueError, match="CPU kernel layout"):
+        quant_linear(96, 128).to("meta").use_column_blocks(32)
+
+
 def test_block_width_rule():
     # BlueLM-7B: o and down (4096), fused q/k/v (12288), fused gate/up (22016); LLaMA-3-8B's MLP (14336)
     assert [column_blocks.block_width(n) for n in (4096, 12288, 22016, 11008, 14336)] == [1024, 1024, 2752, 2752, 1024]
