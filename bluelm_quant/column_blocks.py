@@ -29,13 +29,16 @@ products in the same order); tests/test_column_blocks.py checks every kernel bod
 Where: `block_width` picks W for a layer. Layers narrower than MIN_COLUMNS keep the standard
 layout: their rows are close together (SmolLM2's widest is 3072 columns, and its whole model
 sits in this machine's L3), and a block per task would leave too few tasks to share between
-threads. `use_column_blocks` converts a model's layers (new tensors, which it packs into a
-huge-page arena again: huge_pages.pack_kernel_tensors); it is part of
-cpu_decode.prepare_cpu_decode. Saving writes the
+threads. `use_column_blocks` converts a model's layers: into new tensors, which it then packs
+into a huge-page arena (huge_pages.pack_kernel_tensors), or, right after such a packing (the
+model alone holds its kernel tensors), in place, without a second copy of the weights at any
+moment: cpu_decode.prepare_cpu_decode does that. Saving writes the
 standard layout (QuantLinear._save_to_state_dict), a move off the CPU converts back, and every
 other reader (reference path, dequantize, LoRA's input gradient) takes QLayer.column_qweight.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 from torch import nn
 
@@ -59,20 +62,23 @@ def block_width(out_features: int) -> int | None:
     return None
 
 
-def use_column_blocks(model: nn.Module) -> int:
+def use_column_blocks(model: nn.Module, in_place: bool = False) -> int:
     """Put every CPU QuantLinear of `model` that runs on the kernel (4-bit, kernel layout) and has a
-    block_width into column blocks, then pack the kernels' tensors into a new huge-page arena (unless
-    packing is disabled: huge_pages.disabled). Returns how many layers are in column blocks."""
-    blocked = 0
-    for module in model.modules():
-        if not (isinstance(module, QuantLinear) and module.bits == 4 and module.kernel_group_size is not None
-                and module.qweight.device.type == "cpu"):
-            continue
-        width = block_width(module.out_features)
-        if width is not None:
-            module.use_column_blocks(width)
-            blocked += 1
-    if blocked:
+    block_width into column blocks. Returns how many layers are in column blocks.
+
+    By default each layer gets a new tensor (a state_dict taken before keeps its layout) and the
+    kernels' tensors are then packed into a new huge-page arena (unless huge_pages.disabled).
+    in_place=True rewrites the tensors where they are: only when nothing but the model holds them,
+    as right after huge_pages.pack_kernel_tensors."""
+    layers = [(m, block_width(m.out_features)) for m in model.modules()
+              if isinstance(m, QuantLinear) and m.bits == 4 and m.kernel_group_size is not None
+              and m.qweight.device.type == "cpu"]
+    layers = [(m, width) for m, width in layers if width is not None]
+    holders = Counter(m.qweight.data_ptr() for m, _ in layers)  # a tensor two layers share: never in place
+    for module, width in layers:
+        module.use_column_blocks(width, in_place=in_place and holders[module.qweight.data_ptr()] == 1)
+    blocked = len(layers)
+    if blocked and not in_place:
         pack_kernel_tensors(model)
     return blocked
 

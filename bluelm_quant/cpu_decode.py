@@ -158,11 +158,12 @@ def prepare_cpu_decode(model: nn.Module) -> tuple[int, int, int]:
     (column_blocks.use_column_blocks), then the decode-layer ops (enable_decode_layers).
     Returns (groups fused, layers in column blocks, layers enabled). Inference only: the model can
     no longer be saved."""
-    with huge_pages.disabled():  # both make new tensors: one packing for the two, below
-        fused = fuse_projections(model)
-        blocked = use_column_blocks(model)
-    if fused or blocked:
-        huge_pages.pack_kernel_tensors(model)
+    fused = fuse_projections(model)  # packs the kernels' tensors into a new arena when it fused
+    # The column blocks are written in place once the model alone holds its kernel tensors, as a
+    # packing leaves them (fusing did one, else it is done here): then the weights are never held
+    # three times (the loader's arena, blocked copies, a new arena). Packing disabled: new tensors.
+    fresh = huge_pages.packing_enabled() and (fused > 0 or huge_pages.pack_kernel_tensors(model) > 0)
+    blocked = use_column_blocks(model, in_place=fresh)
     return fused, blocked, enable_decode_layers(model)
 
 

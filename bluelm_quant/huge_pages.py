@@ -68,6 +68,11 @@ def disabled():
         _packing_enabled = was
 
 
+def packing_enabled() -> bool:
+    """Whether pack_kernel_tensors packs (False within `disabled()`)."""
+    return _packing_enabled
+
+
 def allocate_arena(nbytes: int) -> memoryview:
     """`nbytes` of writable memory, 2 MB-aligned, in private anonymous memory whose whole huge pages
     are madvised MADV_HUGEPAGE; the same without the advice where Python or the platform has no
@@ -167,4 +172,4 @@ def pack_kernel_tensors(model: nn.Module) -> int:
 
 
 __all__ = ["HUGE_PAGE_BYTES", "KERNEL_BUFFERS", "TENSOR_ALIGN_BYTES", "allocate_arena", "disabled",
-           "kernel_tensor_slots", "pack_kernel_tensors", "tensor_in"]
+           "kernel_tensor_slots", "pack_kernel_tensors", "packing_enabled", "tensor_in"]

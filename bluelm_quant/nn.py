@@ -126,18 +126,23 @@ class QuantLinear(nn.Module):
                           self.kernel_perm, self.kernel_group_size, self.kernel_block)
 
     @torch.no_grad()
-    def use_column_blocks(self, block: int | None) -> None:
+    def use_column_blocks(self, block: int | None, in_place: bool = False) -> None:
         """qweight's words in column blocks of width `block` (qlayer.to_column_blocks; a multiple of 8
-        dividing out_features; CPU only), or back in the plain layout with None. A new tensor, never the
-        old one rewritten: a state_dict taken before, or a layer sharing the tensor, keeps its layout
-        (column_blocks.use_column_blocks packs the new tensors into a huge-page arena again)."""
+        dividing out_features; CPU only), or back in the plain layout with None. By default in a new
+        tensor: a state_dict taken before, or a layer sharing the tensor, keeps its layout. in_place=True
+        rewrites qweight's own storage (no second copy of the weights, a huge-page arena stays): only
+        for a tensor nothing else holds (column_blocks.use_column_blocks right after packing)."""
         if block == self.kernel_block:
             return
         if block is not None and self.qweight.device.type != "cpu":
             raise ValueError(f"column blocks are a CPU kernel layout; this layer is on {self.qweight.device}")
         plain = self.quant_layer().column_qweight().contiguous()
-        self.qweight = plain if block is None else ops.to_column_blocks(plain, block)
-        self.kernel_block = block  # (both assignments drop the plan, which holds the old layout's view)
+        words = plain if block is None else ops.to_column_blocks(plain, block)
+        if in_place and self.qweight.is_contiguous():
+            self.qweight.copy_(words)
+        else:
+            self.qweight = words
+        self.kernel_block = block  # drops the plan, which holds the old layout's view
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

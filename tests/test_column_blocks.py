@@ -206,6 +206,35 @@ def test_decode_path_uses_blocks_and_keeps_logits_and_tokens(saved_tiny, tiny_wi
     assert [e.name for e in prof.events()].count("bluelm_quant::decode_qkv") == 2 * 3  # the steps ran the ops
 
 
+def test_prepare_blocks_the_packed_tensors_in_place(saved_tiny, tiny_widths):
+    """After fusing (which packs the kernels' tensors into a new arena) the blocks are written where the
+    tensors are: no second copy of the weights, and the arena stays."""
+    model = load_quantized(saved_tiny, dtype=torch.float32)
+    fuse_projections(model)
+    before = {name: m.qweight.data_ptr() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert column_blocks.use_column_blocks(model, in_place=True) == 8
+    after = {name: m.qweight.data_ptr() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert after == before
+
+
+def test_a_tensor_two_layers_share_is_never_blocked_in_place():
+    a = quant_linear(64, 128, seed=8)
+    b = QuantLinear(128, 64, 4, GROUP, bias=True, dtype=torch.float32)
+    b.load_state_dict(a.state_dict(), assign=True)
+    plain = a.qweight.clone()
+    assert column_blocks.use_column_blocks(torch.nn.ModuleList([a, b]), in_place=True) == 0  # too narrow
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(column_blocks, "MIN_COLUMNS", 64)
+        mp.setattr(column_blocks, "MIN_BLOCK", 16)
+        mp.setattr(column_blocks, "MIN_TASKS", 2)
+        shared = a.qweight
+        assert column_blocks.use_column_blocks(torch.nn.ModuleList([a, b]), in_place=True) == 2
+    assert torch.equal(shared, plain)  # the shared tensor untouched: each layer got its own blocks
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
 def test_a_blocked_model_saves_the_checkpoint_it_was_loaded_from(saved_tiny, tiny_widths, tmp_path):
     model = load_quantized(saved_tiny, dtype=torch.float32)
     # q, o, gate, up and down of both layers; k and v (32 columns) are below MIN_COLUMNS and stay plain
