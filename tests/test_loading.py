@@ -253,6 +253,8 @@ def test_synthetic_checkpoint_has_the_bluelm_layout_and_loads(tmp_path):
     assert len(set(index.values())) > 2
     q = load_quantized(str(tmp_path / "q"), dtype=torch.float32)
     assert q.model.layers[1].mlp.down_proj.qweight.shape == (512 // 8, 256)
+    attn = q.model.layers[1].self_attn  # projections of one input share their act-order, as GPTQ's do
+    assert torch.equal(attn.q_proj.g_idx, attn.v_proj.g_idx) and not torch.equal(attn.q_proj.g_idx, attn.o_proj.g_idx)
     logits = _logits(q, tokens(vocab=512))
     assert torch.isfinite(logits).all() and 0.1 < logits.std() < 10  # activations stay in range
     from transformers import AutoModelForCausalLM

@@ -31,6 +31,11 @@ from bluelm_quant.packing import pack_qzeros
 from bluelm_quant.saving import DEFAULT_MAX_SHARD, write_configs, write_shards
 
 PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+# The projections of a layer that read the same input. With --act-order they share one g_idx, as
+# GPTQ's desc_act gives them (the order comes from the Hessian of that input), so that the loaded
+# model can fuse them (bluelm_quant.fuse) as it would a real checkpoint's.
+SAME_INPUT = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
+              "gate_proj": "MLP input", "up_proj": "MLP input"}
 # Target weight std = GAIN / sqrt(in_features): each Linear keeps its input's scale.
 GAIN = 0.5
 # Std of a uniform 4-bit code around the symmetric zero 8.
@@ -58,16 +63,18 @@ def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
 
 
-def quantized_linear(k: int, n: int, group_size: int, act_order: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """GPTQ tensors of a random symmetric 4-bit layer: qweight, qzeros, scales, g_idx."""
+def quantized_linear(k: int, n: int, group_size: int, order: torch.Tensor | None,
+                     gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """GPTQ tensors of a random symmetric 4-bit layer: qweight, qzeros, scales, g_idx (permuted by
+    `order` for act-order, else in input order)."""
     groups = k // group_size
     qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=gen)
     qzeros = pack_qzeros(torch.full((groups, n), 8, dtype=torch.int32), 4, "gptq")
     std = GAIN / math.sqrt(k) / CODE_STD
     scales = (std * (0.5 + torch.rand(groups, n, generator=gen))).to(torch.float16)
     g_idx = torch.arange(k, dtype=torch.int32) // group_size
-    if act_order:  # what desc_act leaves behind: codes in input order, groups permuted
-        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    if order is not None:  # what desc_act leaves behind: codes in input order, groups permuted
+        g_idx = g_idx[order]
     return {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
 
 
@@ -91,6 +98,7 @@ def tensors(cfg, args):
     shapes = linear_shapes(cfg)
     for i in range(cfg.num_hidden_layers):
         prefix = f"model.layers.{i}"
+        orders = {}  # one act-order permutation per input (SAME_INPUT)
         for block, names in PROJECTIONS:
             for name in names:
                 k, n = shapes[name]
@@ -98,7 +106,13 @@ def tensors(cfg, args):
                 if args.full:
                     yield f"{key}.weight", randn(n, k, GAIN / math.sqrt(k), dtype, gen)
                 else:
-                    for suffix, t in quantized_linear(k, n, args.group_size, args.act_order, gen).items():
+                    order = None
+                    if args.act_order:
+                        source = SAME_INPUT.get(name, name)
+                        if source not in orders:
+                            orders[source] = torch.randperm(k, generator=gen)
+                        order = orders[source]
+                    for suffix, t in quantized_linear(k, n, args.group_size, order, gen).items():
                         yield f"{key}.{suffix}", t
         yield f"{prefix}.input_layernorm.weight", torch.ones(h, dtype=dtype)
         yield f"{prefix}.post_attention_layernorm.weight", torch.ones(h, dtype=dtype)
