@@ -70,10 +70,9 @@ def use_column_blocks(model: nn.Module, in_place: bool = False) -> int:
     kernels' tensors are then packed into a new huge-page arena (unless huge_pages.disabled).
     in_place=True rewrites the tensors where they are: only when nothing but the model holds them,
     as right after huge_pages.pack_kernel_tensors."""
-    layers = [(m, block_width(m.out_features)) for m in model.modules()
+    layers = [(m, width) for m in model.modules()
               if isinstance(m, QuantLinear) and m.bits == 4 and m.kernel_group_size is not None
-              and m.qweight.device.type == "cpu"]
-    layers = [(m, width) for m, width in layers if width is not None]
+              and m.qweight.device.type == "cpu" and (width := block_width(m.out_features)) is not None]
     holders = Counter(m.qweight.data_ptr() for m, _ in layers)  # a tensor two layers share: never in place
     for module, width in layers:
         module.use_column_blocks(width, in_place=in_place and holders[module.qweight.data_ptr()] == 1)
